@@ -1,0 +1,1 @@
+"""Thin experiment entry points and their ml_collections configs."""

@@ -1,0 +1,1 @@
+"""Experiment configs: each file starts with the command that runs it."""

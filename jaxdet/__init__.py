@@ -1,0 +1,8 @@
+"""jaxdet: the classic object-detection lineage as jitted, static-shaped JAX programs.
+
+Localization as regression, OverFeat sliding windows, selective search + R-CNN, Fast R-CNN,
+Faster R-CNN and YOLO v1. Conventions (see README): boxes are float32 (x1, y1, x2, y2) in
+absolute pixels; variable counts are padded to a fixed size with a boolean mask.
+"""
+
+__version__ = "0.1.0"

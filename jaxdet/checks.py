@@ -1,0 +1,135 @@
+"""Argument checks shared by every public jaxdet function.
+
+One place for the errors a user sees: each names the argument, what was expected and what came
+(shape, dtype, value range). Two kinds:
+
+* trace-time checks (`check_array`, `check_boxes`, `check_same_size`, `check_mask`,
+  `check_positive`): look only at shapes and dtypes, so they are safe inside `jax.jit` and
+  raise while tracing;
+* host-side value checks (`check_box_values`, `check_label_values`): look at the numbers
+  (NaN, x2 < x1, labels out of range) of NumPy arrays where data enters jaxdet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _describe(x: Any) -> str:
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  if shape is None:
+    return f"{type(x).__name__} {x!r}"[:120]
+  return f"array of shape {tuple(shape)} and dtype {dtype}"
+
+
+def check_array(name: str, x: Any, *, ndim: int | Sequence[int] | None = None,
+                last_dim: int | None = None, dtype_kind: str | None = None,
+                shape: Sequence[int | None] | None = None) -> None:
+  """Checks rank, last dimension, dtype kind and shape of an array (trace-time safe).
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    x: a NumPy or JAX array (or tracer).
+    ndim: the allowed rank or ranks.
+    last_dim: the required size of the last axis.
+    dtype_kind: allowed NumPy dtype kinds, e.g. "f" (floating), "iu" (integers), "b" (bool).
+    shape: the required shape; None entries match any size.
+  Raises:
+    TypeError: `x` is not an array or has the wrong dtype kind.
+    ValueError: wrong rank, last dimension or shape.
+  """
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name}: expected an array, got {_describe(x)}")
+  if ndim is not None:
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in allowed:
+      want = " or ".join(str(a) for a in allowed)
+      raise ValueError(f"{name}: expected rank {want}, got {_describe(x)}")
+  if last_dim is not None and (x.ndim == 0 or x.shape[-1] != last_dim):
+    raise ValueError(f"{name}: expected last dimension {last_dim}, got {_describe(x)}")
+  if dtype_kind is not None and np.dtype(x.dtype).kind not in dtype_kind:
+    kinds = {"f": "floating", "i": "signed integer", "u": "unsigned integer", "b": "bool"}
+    want = " or ".join(kinds.get(k, k) for k in dtype_kind)
+    raise TypeError(f"{name}: expected a {want} dtype, got {_describe(x)}")
+  if shape is not None:
+    ok = len(shape) == x.ndim and all(s is None or s == d for s, d in zip(shape, x.shape))
+    if not ok:
+      want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+      raise ValueError(f"{name}: expected shape {want}, got {_describe(x)}")
+
+
+def check_boxes(name: str, boxes: Any, *, ndim: int | Sequence[int] = 2) -> None:
+  """Boxes must be a floating array `[..., 4]` of the given rank (trace-time safe)."""
+  check_array(name, boxes, ndim=ndim, last_dim=4, dtype_kind="f")
+
+
+def check_same_size(name_a: str, a: Any, name_b: str, b: Any, axis_a: int = 0,
+                    axis_b: int = 0) -> None:
+  """`a.shape[axis_a]` must equal `b.shape[axis_b]` (trace-time safe)."""
+  if a.shape[axis_a] != b.shape[axis_b]:
+    raise ValueError(
+        f"{name_b}: expected {a.shape[axis_a]} entries on axis {axis_b} to match {name_a} "
+        f"{tuple(a.shape)}, got {_describe(b)}")
+
+
+def check_mask(name: str, mask: Any, like_name: str, like_shape: Sequence[int]) -> None:
+  """A padding mask must be bool with the given shape (trace-time safe)."""
+  check_array(name, mask, dtype_kind="b")
+  if tuple(mask.shape) != tuple(like_shape):
+    raise ValueError(f"{name}: expected a bool mask of shape {tuple(like_shape)} to match "
+                     f"{like_name}, got {_describe(mask)}")
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+  """A Python number, or every entry of a tuple of numbers, must be > 0 (>= 0 if allowed)."""
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  for v in values:
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+      raise TypeError(f"{name}: expected a number or a tuple of numbers, got {value!r}")
+    if (v < 0) if allow_zero else (v <= 0):
+      bound = ">= 0" if allow_zero else "> 0"
+      raise ValueError(f"{name}: expected values {bound}, got {value!r}")
+
+
+def check_box_values(name: str, boxes: np.ndarray, *, height: float | None = None,
+                     width: float | None = None, example_id: Any = None) -> None:
+  """Host-side: boxes f32[N, 4] must be finite with x1 <= x2, y1 <= y2 (and inside the image).
+
+  Raises:
+    ValueError naming the argument, the example and the first offending box.
+  """
+  boxes = np.asarray(boxes)
+  check_boxes(name, boxes, ndim=2)
+  where = "" if example_id is None else f" (example {example_id})"
+  if not np.all(np.isfinite(boxes)):
+    i = int(np.argwhere(~np.isfinite(boxes))[0, 0])
+    raise ValueError(f"{name}{where}: box {i} is not finite: {boxes[i].tolist()}")
+  bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"{name}{where}: box {i} has x2 < x1 or y2 < y1 (format is x1, y1, x2, y2 "
+                     f"in pixels): {boxes[i].tolist()}")
+  if height is not None and width is not None and len(boxes):
+    tol = 1e-3
+    out = ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > width + tol)
+           | (boxes[:, 3] > height + tol))
+    if out.any():
+      i = int(np.argmax(out))
+      raise ValueError(f"{name}{where}: box {i} {boxes[i].tolist()} lies outside the "
+                       f"{height}x{width} (height x width) image")
+
+
+def check_label_values(name: str, labels: np.ndarray, num_classes: int, *,
+                       example_id: Any = None) -> None:
+  """Host-side: integer labels must lie in [0, num_classes)."""
+  labels = np.asarray(labels)
+  check_array(name, labels, ndim=1, dtype_kind="iu")
+  where = "" if example_id is None else f" (example {example_id})"
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"{name}{where}: label {int(labels[i])} at index {i} is outside "
+                     f"[0, {num_classes}) for {num_classes} classes")

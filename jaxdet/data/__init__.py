@@ -1,0 +1,1 @@
+"""Synthetic datasets (the embedded default), tfds loaders, augmentation, batching."""

@@ -1,0 +1,1 @@
+"""VOC and COCO average precision, drawing detections."""

@@ -1,0 +1,1 @@
+"""Flax linen backbones, heads and one module per detector."""

@@ -1,0 +1,55 @@
+"""The contract between a detector and the training, evaluation and experiment machinery.
+
+A detector is a `System`: pure, jittable functions over a batch dict. The training loop,
+the data-parallel wrappers, checkpointing, evaluation and the experiment scripts see nothing
+else, so a new detector (or a researcher's variant with another loss) plugs in without
+touching them. Systems are found by name through the one explicit dict `SYSTEMS` in
+`jaxdet.systems` (name -> `build(config) -> System`).
+
+Batch (every array has a leading batch axis B; shapes static under jit):
+  image:         u8[B, H, W, 3] RGB pixels (models normalise internally), NHWC
+  image_size:    i32[B, 2] (height, width) of the real pixels; the rest is padding
+  boxes:         f32[B, M, 4] ground truth (x1, y1, x2, y2) pixels, M = max_boxes
+  labels:        i32[B, M] classes 0..C-1 (a model needing background adds it internally)
+  box_mask:      bool[B, M] True = real box; the only truth about padding
+  difficult:     bool[B, M] (optional) VOC "difficult", ignored by evaluation
+  proposals:     f32[B, P, 4] (optional) precomputed region proposals (selective search)
+  proposal_mask: bool[B, P] (optional)
+  image_id:      i32[B] (optional)
+
+Detections (what `predict` returns; fixed capacity K):
+  boxes f32[B, K, 4], scores f32[B, K], labels i32[B, K], valid bool[B, K]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Variables = Mapping[str, Any]   # {"params": ..., optionally "batch_stats": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+  """A detector as the machinery sees it.
+
+  Attributes:
+    name: the key of this system in `jaxdet.systems.SYSTEMS`.
+    num_classes: C, the number of object classes (background excluded).
+    init: (rng, batch) -> variables.
+    loss: (variables, batch, rng) -> (loss f32[], metrics {name: f32[]}, new_model_state),
+      in training mode; new_model_state holds the updated non-parameter collections
+      (e.g. {"batch_stats": ...}) and is {} for models without any.
+    predict: (variables, batch) -> Detections dict (see module docstring), in eval mode.
+    extras: system-specific callables or constants (e.g. post-training transforms).
+  """
+  name: str
+  num_classes: int
+  init: Callable[[Array, Batch], Variables]
+  loss: Callable[[Variables, Batch, Array], tuple[Array, dict[str, Array], dict[str, Any]]]
+  predict: Callable[[Variables, Batch], dict[str, Array]]
+  extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""TrainState, optimizers, pure train/eval steps, the loop, data parallelism, checkpoints."""
