@@ -1,0 +1,299 @@
+"""RoI max pooling (Fast R-CNN) and RoI align (Mask R-CNN) for one image, static shapes.
+
+Both follow torchvision's kernels exactly (`torchvision.ops.roi_pool`, `torchvision.ops.roi_align`)
+and are written for accelerators: no per-RoI Python loops, no data-dependent shapes, no scatter
+in RoI align's backward pass. Features are NHWC for one image; batch with `jax.vmap`.
+
+RoI align. Bilinear interpolation is separable and so is the sampling grid, so the average over
+a bin's `gh x gw` samples is `Ay[p, h] * Ax[q, w]`, with `Ay[p, h]` the mean over the bin's `gh`
+row samples of their interpolation weight on row `h` (likewise `Ax`). Each RoI's output is then
+`Ay f Ax^T` per channel: two matrix products (einsum), linear in the features, whose transpose
+(the gradient) is again two matrix products. With `sampling_ratio <= 0` the number of samples
+`gh = ceil(roi_h / oh)` depends on the data; only samples inside `[-1, H]` carry weight, they are
+spaced `bin_h / gh >= bin_h / (bin_h + 1)` apart, and a bin holds at most `H + 2` of them (at most
+`gh <= H + 1` when `bin_h <= H + 1`, and fewer than `H + 2` spacings fit in `[-1, H]` otherwise).
+So a static window of `H + 4` samples, started just before the bin's first sample inside the
+map, holds every sample that counts: exact for every RoI, however large, with no cap.
+
+RoI max pooling. Bins are integer rectangles (Caffe rounding). A 2-D sparse table of the feature
+map (max over `2^k x 2^l` blocks, `log2 H x log2 W` levels) answers each bin's max with four
+overlapping block look-ups (max is idempotent), so the work is four gathers of a channel vector
+per output cell, independent of the RoI size. The gradient reaches the bin's argmax (for tied
+maxima JAX's `max` splits it evenly, where torchvision gives it to the first in row-major order).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxdet import checks
+
+# Elements of one image's per-chunk intermediate in `roi_align` (4 bytes each in float32).
+_ALIGN_CHUNK_ELEMENTS = 1 << 24
+
+
+def _output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
+  """Normalises `output_size` (int or (oh, ow)) to a pair of positive Python ints."""
+  size = (output_size, output_size) if isinstance(output_size, (int, np.integer)) else output_size
+  ok = (isinstance(size, (tuple, list)) and len(size) == 2
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size))
+  if not ok:
+    raise TypeError(f"output_size: expected an int or a pair of ints (oh, ow), got "
+                    f"{output_size!r}")
+  checks.check_positive("output_size", tuple(int(s) for s in size))
+  return int(size[0]), int(size[1])
+
+
+def _check_inputs(features, rois, spatial_scale, mask) -> None:
+  checks.check_array("features", features, ndim=3, dtype_kind="f")
+  checks.check_boxes("rois", rois)
+  checks.check_positive("spatial_scale", spatial_scale)
+  if mask is not None:
+    checks.check_mask("mask", mask, "rois", rois.shape[:1])
+
+
+def _caffe_round(x: jax.Array) -> jax.Array:
+  """C's `round`: halves away from zero (jnp.round rounds halves to even)."""
+  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def _divide(x: jax.Array, n: int) -> jax.Array:
+  """x / n, correctly rounded like the kernels' float division.
+
+  XLA rewrites a division by a constant into a multiplication by its reciprocal, which can be
+  one ulp off and so move an integer bin edge (ceil(7 * (3 / 7)) = 4); a divisor computed from
+  the data keeps the true division.
+  """
+  return x / (x * 0.0 + jnp.float32(n))
+
+
+def _floor_log2(n: jax.Array) -> jax.Array:
+  """floor(log2(n)) for int32 n >= 1."""
+  return 31 - lax.clz(n.astype(jnp.int32))
+
+
+def _pool_bins(start: jax.Array, end: jax.Array, pooled: int, size: int):
+  """Integer bin edges of torchvision's roi_pool along one axis.
+
+  Args:
+    start, end: f32[R] roi start/end on the feature map (already scaled, not yet rounded).
+    pooled: number of bins.
+    size: the feature map's extent along this axis.
+  Returns:
+    lo, hi: i32[R, pooled] bin [lo, hi) clipped to [0, size].
+  """
+  start = _caffe_round(start)
+  end = _caffe_round(end)
+  length = jnp.maximum(end - start + 1.0, 1.0)                         # [R]
+  bin_size = _divide(length, pooled)                                   # [R]
+  p = jnp.arange(pooled, dtype=jnp.float32)                            # [P]
+  lo = jnp.floor(p[None] * bin_size[:, None]) + start[:, None]         # [R, P]
+  hi = jnp.ceil((p[None] + 1.0) * bin_size[:, None]) + start[:, None]  # [R, P]
+  lo = jnp.clip(lo, 0, size).astype(jnp.int32)
+  hi = jnp.clip(hi, 0, size).astype(jnp.int32)
+  return lo, hi
+
+
+def _sparse_table(features: jax.Array) -> jax.Array:
+  """Block maxima: table[k, l, h, w] = max f[h : h + 2^k, w : w + 2^l] (edge-padded).
+
+  Args:
+    features: [H, W, C].
+  Returns:
+    [Lh, Lw, H, W, C] with Lh = floor(log2 H) + 1, Lw = floor(log2 W) + 1.
+  """
+  def levels(x, axis):
+    n = x.shape[axis]
+    out = [x]
+    for k in range(1, int(np.log2(n)) + 1):
+      s = 1 << (k - 1)
+      prev = out[-1]
+      tail = lax.slice_in_dim(prev, n - 1, n, axis=axis)
+      shifted = jnp.concatenate(
+          [lax.slice_in_dim(prev, s, n, axis=axis)] + [tail] * s, axis=axis)
+      out.append(jnp.maximum(prev, shifted))
+    return jnp.stack(out)
+
+  rows = levels(features, axis=0)                                      # [Lh, H, W, C]
+  return levels(rows, axis=2)                                          # [Lw, Lh, H, W, C]
+
+
+def roi_pool(features: jax.Array, rois: jax.Array, output_size: int | Sequence[int],
+             spatial_scale: float, *, mask: jax.Array | None = None) -> jax.Array:
+  """RoI max pooling of Fast R-CNN, with the bin rounding of the original Caffe layer.
+
+  The semantics of `torchvision.ops.roi_pool`: roi start/end = round(coord * spatial_scale)
+  (halves away from zero), roi size = max(end - start + 1, 1), bin [floor(p * size / oh),
+  ceil((p + 1) * size / oh)) + start clipped to the map; an empty bin gives 0.
+
+  Args:
+    features: f[H, W, C] feature map of one image (float32 or bfloat16).
+    rois: f32[R, 4] (x1, y1, x2, y2) in image pixels.
+    output_size: oh or (oh, ow), the pooled grid.
+    spatial_scale: feature-map pixels per image pixel (e.g. 1/16).
+    mask: bool[R] (optional), True = real roi; padded rois give zeros.
+  Returns:
+    [R, oh, ow, C] in features' dtype. Differentiable in features (the gradient of each output
+    goes to its bin's argmax); rois get no gradient (the bins are integers).
+  """
+  _check_inputs(features, rois, spatial_scale, mask)
+  oh, ow = _output_size(output_size)
+  height, width, channels = features.shape
+  boxes = lax.stop_gradient(rois).astype(jnp.float32) * jnp.float32(spatial_scale)
+  h_lo, h_hi = _pool_bins(boxes[:, 1], boxes[:, 3], oh, height)        # [R, oh]
+  w_lo, w_hi = _pool_bins(boxes[:, 0], boxes[:, 2], ow, width)         # [R, ow]
+
+  table = _sparse_table(features)                                      # [Lw, Lh, H, W, C]
+  num_lh = table.shape[1]
+  table = table.reshape(-1, channels)                                  # [Lw*Lh*H*W, C]
+
+  def corners(lo, hi):
+    """Level and the two block starts covering [lo, hi) (clamped for empty bins)."""
+    n = jnp.maximum(hi - lo, 1)
+    k = _floor_log2(n)
+    a = jnp.minimum(lo, hi - 1)
+    b = hi - (1 << k)
+    return k, jnp.clip(a, 0, None), jnp.clip(b, 0, None)
+
+  kh, ha, hb = corners(h_lo, h_hi)                                     # [R, oh] each
+  kw, wa, wb = corners(w_lo, w_hi)                                     # [R, ow] each
+  level = (kw[:, None, :] * num_lh + kh[:, :, None]) * height          # [R, oh, ow]
+
+  def lookup(h, w):
+    flat = (level + h[:, :, None]) * width + w[:, None, :]             # [R, oh, ow]
+    return jnp.take(table, flat, axis=0, mode="clip")                  # [R, oh, ow, C]
+
+  out = jnp.maximum(jnp.maximum(lookup(ha, wa), lookup(ha, wb)),
+                    jnp.maximum(lookup(hb, wa), lookup(hb, wb)))
+  keep = (h_hi > h_lo)[:, :, None] & (w_hi > w_lo)[:, None, :]         # [R, oh, ow]
+  if mask is not None:
+    keep = keep & mask[:, None, None]
+  return jnp.where(keep[..., None], out, jnp.zeros((), features.dtype))
+
+
+def _align_weights(start: jax.Array, length: jax.Array, pooled: int, size: int,
+                   sampling_ratio: int) -> jax.Array:
+  """RoI align's interpolation matrix along one axis, averaged over the bin's samples.
+
+  Sample i of bin p sits at start + p * bin + (i + 0.5) * bin / g (torchvision's expression
+  order, float32), with g = sampling_ratio or ceil(length / pooled); samples outside [-1, size]
+  weigh 0, the rest are clamped to [0, size - 1] and interpolated linearly.
+
+  Args:
+    start: f32[R] roi start on the feature map (offset already applied).
+    length: f32[R] roi extent on the feature map (min 1 already applied when not aligned).
+    pooled: number of bins.
+    size: the feature map's extent along this axis.
+    sampling_ratio: samples per bin along this axis, or <= 0 for adaptive.
+  Returns:
+    f32[R, pooled, size]: row p holds the mean over the bin's g samples of their weights on
+    each pixel (all zeros when g <= 0).
+  """
+  bin_size = _divide(length, pooled)                                   # [R]
+  p = jnp.arange(pooled, dtype=jnp.float32)
+  bin_start = start[:, None] + p[None] * bin_size[:, None]             # [R, P]
+  if sampling_ratio > 0:
+    grid = jnp.full_like(length, sampling_ratio, dtype=jnp.int32)      # [R]
+    num = sampling_ratio
+    first = jnp.zeros_like(bin_start, dtype=jnp.int32)                 # [R, P]
+  else:
+    grid = jnp.ceil(bin_size).astype(jnp.int32)                       # [R]
+    num = size + 4   # every sample inside [-1, size] of one bin fits (see the module doc)
+    step = lax.stop_gradient(bin_size / jnp.maximum(grid, 1).astype(jnp.float32))
+    step = jnp.where(step > 0, step, 1.0)
+    first_inside = jnp.ceil((-1.0 - lax.stop_gradient(bin_start)) / step[:, None] - 0.5)
+    first = jnp.clip(first_inside, 0, size + 4.0 + grid[:, None]).astype(jnp.int32) - 1
+  grid_f = jnp.maximum(grid, 1).astype(jnp.float32)[:, None, None]     # [R, 1, 1]
+  i = first[:, :, None] + jnp.arange(num, dtype=jnp.int32)             # [R, P, S]
+  used = (i >= 0) & (i < grid[:, None, None])                          # [R, P, S]
+  y = (bin_start[:, :, None]
+       + (i.astype(jnp.float32) + 0.5) * bin_size[:, None, None] / grid_f)
+  used = used & (y >= -1.0) & (y <= jnp.float32(size))
+  y = jnp.clip(y, 0.0, jnp.float32(size - 1))
+  pix = jnp.arange(size, dtype=jnp.float32)
+  tent = jnp.maximum(1.0 - jnp.abs(y[..., None] - pix), 0.0)           # [R, P, S, size]
+  tent = jnp.where(used[..., None], tent, 0.0)
+  return tent.sum(axis=2) / grid_f                                     # [R, P, size]
+
+
+def roi_align(features: jax.Array, rois: jax.Array, output_size: int | Sequence[int],
+              spatial_scale: float, sampling_ratio: int = -1, aligned: bool = False, *,
+              mask: jax.Array | None = None,
+              precision: lax.Precision | str | None = None) -> jax.Array:
+  """RoI align (Mask R-CNN): bilinear samples averaged over each bin, exactly as torchvision.
+
+  The semantics of `torchvision.ops.roi_align`: coordinates scaled by spatial_scale (minus 0.5
+  when aligned), roi size at least 1 when not aligned, g = sampling_ratio samples per bin and
+  axis (or ceil(roi size / bins) when sampling_ratio <= 0), samples outside [-1, H] count as
+  zero, samples clamped into the map, the sum divided by the number of samples. Exact for every
+  roi: the data-dependent sample count is handled in static shapes (see the module doc).
+
+  Args:
+    features: f[H, W, C] feature map of one image (float32 or bfloat16).
+    rois: f32[R, 4] (x1, y1, x2, y2) in image pixels.
+    output_size: oh or (oh, ow), the pooled grid.
+    spatial_scale: feature-map pixels per image pixel (e.g. 1/16).
+    sampling_ratio: samples per bin along each axis; <= 0 for adaptive.
+    aligned: shift the rois by -0.5 feature pixels (pixel centres at half-integers).
+    mask: bool[R] (optional), True = real roi; padded rois give zeros.
+    precision: of the two matrix products; default HIGHEST for float32 features (accuracy of
+      float32 on GPUs/TPUs; pass "default" to allow TF32) and DEFAULT for bfloat16.
+  Returns:
+    [R, oh, ow, C] in features' dtype. Linear in features (the gradient is the transpose, two
+    matrix products); differentiable in rois through the sample positions.
+  """
+  _check_inputs(features, rois, spatial_scale, mask)
+  oh, ow = _output_size(output_size)
+  if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool):
+    raise TypeError(f"sampling_ratio: expected an int, got {sampling_ratio!r}")
+  sampling_ratio = int(sampling_ratio)
+  if precision is None:
+    precision = lax.Precision.HIGHEST if features.dtype == jnp.float32 else lax.Precision.DEFAULT
+  height, width, channels = features.shape
+  num_rois = rois.shape[0]
+
+  offset = 0.5 if aligned else 0.0
+  boxes = rois.astype(jnp.float32) * jnp.float32(spatial_scale) - jnp.float32(offset)
+  valid = jnp.ones((num_rois,), bool) if mask is None else mask
+
+  # Contract the axis that leaves the smaller intermediate work first (static choice).
+  x_first = ow * height * (width + oh) <= oh * width * (height + ow)
+  per_roi = (ow * height if x_first else oh * width) * channels
+  chunk = int(max(1, min(num_rois, _ALIGN_CHUNK_ELEMENTS // per_roi)))
+  num_chunks = -(-num_rois // chunk)
+  pad = num_chunks * chunk - num_rois
+
+  def one_chunk(args):
+    b, v = args                                                        # [n, 4], [n]
+    length_w = b[:, 2] - b[:, 0]
+    length_h = b[:, 3] - b[:, 1]
+    if not aligned:
+      length_w = jnp.maximum(length_w, 1.0)
+      length_h = jnp.maximum(length_h, 1.0)
+    ay = _align_weights(b[:, 1], length_h, oh, height, sampling_ratio)   # [n, oh, H]
+    ax = _align_weights(b[:, 0], length_w, ow, width, sampling_ratio)    # [n, ow, W]
+    ay = jnp.where(v[:, None, None], ay, 0.0).astype(features.dtype)
+    ax = ax.astype(features.dtype)
+    if x_first:
+      t = jnp.einsum("nqw,hwc->nqhc", ax, features, precision=precision,
+                     preferred_element_type=jnp.float32)                 # [n, ow, H, C]
+      out = jnp.einsum("nph,nqhc->npqc", ay, t.astype(features.dtype),
+                       precision=precision, preferred_element_type=jnp.float32)
+    else:
+      t = jnp.einsum("nph,hwc->npwc", ay, features, precision=precision,
+                     preferred_element_type=jnp.float32)                 # [n, oh, W, C]
+      out = jnp.einsum("nqw,npwc->npqc", ax, t.astype(features.dtype),
+                       precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(features.dtype)                                  # [n, oh, ow, C]
+
+  if num_chunks == 1:
+    return one_chunk((boxes, valid))
+  boxes = jnp.pad(boxes, ((0, pad), (0, 0))).reshape(num_chunks, chunk, 4)
+  valid = jnp.pad(valid, (0, pad)).reshape(num_chunks, chunk)
+  out = lax.map(one_chunk, (boxes, valid))                             # [chunks, n, oh, ow, C]
+  return out.reshape(num_chunks * chunk, oh, ow, channels)[:num_rois]

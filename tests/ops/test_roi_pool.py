@@ -1,0 +1,164 @@
+"""roi_pool and roi_align against float64 loop references of torchvision's CPU kernels.
+
+The references follow torchvision/csrc/ops/cpu/roi_pool_kernel.cpp and roi_align_kernel.cpp
+(roi_align_common.h) line by line, NCHW loops turned into HWC loops. Coordinates are computed in
+float32 as the kernels do for float32 inputs (bin edges are integers that rounding can move);
+values are pooled and summed in float64.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdet.ops.roi_pool import roi_align, roi_pool
+
+F = np.float32
+
+
+def _c_round(x):
+  return F(math.copysign(math.floor(abs(x) + 0.5), x))
+
+
+def ref_roi_pool(features, rois, oh, ow, scale):
+  """Returns (out f64[R, oh, ow, C], argmax i64[R, oh, ow, C] flat h * W + w or -1)."""
+  f = np.asarray(features, np.float64)
+  height, width, channels = f.shape
+  out = np.zeros((len(rois), oh, ow, channels))
+  arg = np.full((len(rois), oh, ow, channels), -1)
+  for n, roi in enumerate(np.asarray(rois, F)):
+    sw, sh, ew, eh = (int(_c_round(F(c) * F(scale))) for c in roi)
+    rw, rh = max(ew - sw + 1, 1), max(eh - sh + 1, 1)
+    bh, bw = F(rh) / F(oh), F(rw) / F(ow)
+    for ph in range(oh):
+      for pw in range(ow):
+        hs = min(max(int(np.floor(F(ph) * bh)) + sh, 0), height)
+        he = min(max(int(np.ceil(F(ph + 1) * bh)) + sh, 0), height)
+        ws = min(max(int(np.floor(F(pw) * bw)) + sw, 0), width)
+        we = min(max(int(np.ceil(F(pw + 1) * bw)) + sw, 0), width)
+        if he <= hs or we <= ws:
+          continue
+        for c in range(channels):
+          best, where = -np.inf, -1
+          for h in range(hs, he):
+            for w in range(ws, we):
+              if f[h, w, c] > best:
+                best, where = f[h, w, c], h * width + w
+          out[n, ph, pw, c], arg[n, ph, pw, c] = best, where
+  return out, arg
+
+
+def ref_roi_align_matrix(shape, rois, oh, ow, scale, sampling_ratio, aligned):
+  """The roi_align kernel as a matrix M f64[R * oh * ow, H * W]: out[., c] = M @ f[., c]."""
+  height, width = shape
+  mat = np.zeros((len(rois), oh, ow, height * width))
+  off = F(0.5) if aligned else F(0.0)
+  for n, roi in enumerate(np.asarray(rois, F)):
+    sw, sh, ew, eh = (F(c) * F(scale) - off for c in roi)
+    rw, rh = F(ew - sw), F(eh - sh)
+    if not aligned:
+      rw, rh = max(rw, F(1)), max(rh, F(1))
+    bh, bw = F(rh / F(oh)), F(rw / F(ow))
+    gh = sampling_ratio if sampling_ratio > 0 else int(np.ceil(F(rh / F(oh))))
+    gw = sampling_ratio if sampling_ratio > 0 else int(np.ceil(F(rw / F(ow))))
+    count = max(gh * gw, 1)
+    for ph in range(oh):
+      for pw in range(ow):
+        for iy in range(gh):
+          yy = F(sh + F(ph) * bh) + F(F(F(iy) + F(0.5)) * bh) / F(gh)
+          for ix in range(gw):
+            xx = F(sw + F(pw) * bw) + F(F(F(ix) + F(0.5)) * bw) / F(gw)
+            y, x = float(yy), float(xx)
+            if not (-1.0 <= y <= height and -1.0 <= x <= width):
+              continue
+            y, x = max(y, 0.0), max(x, 0.0)
+            yl, xl = int(y), int(x)
+            if yl >= height - 1:
+              yh = yl = height - 1
+              y = float(yl)
+            else:
+              yh = yl + 1
+            if xl >= width - 1:
+              xh = xl = width - 1
+              x = float(xl)
+            else:
+              xh = xl + 1
+            ly, lx = y - yl, x - xl
+            hy, hx = 1.0 - ly, 1.0 - lx
+            m = mat[n, ph, pw]
+            m[yl * width + xl] += hy * hx / count
+            m[yl * width + xh] += hy * lx / count
+            m[yh * width + xl] += ly * hx / count
+            m[yh * width + xh] += ly * lx / count
+  return mat.reshape(-1, height * width)
+
+
+def ref_roi_align(features, rois, oh, ow, scale, sampling_ratio, aligned):
+  f = np.asarray(features, np.float64)
+  height, width, channels = f.shape
+  mat = ref_roi_align_matrix((height, width), rois, oh, ow, scale, sampling_ratio, aligned)
+  return (mat @ f.reshape(-1, channels)).reshape(len(rois), oh, ow, channels), mat
+
+
+def random_rois(rng, n, image_h, image_w):
+  """A mix: inside the image, partly outside, tiny, degenerate (x2 < x1), huge."""
+  cx = rng.uniform(-0.2, 1.2, n) * image_w
+  cy = rng.uniform(-0.2, 1.2, n) * image_h
+  kind = rng.integers(0, 4, n)
+  scale = np.choose(kind, [rng.uniform(0.5, 4, n), rng.uniform(4, 0.6 * image_w, n),
+                           rng.uniform(image_w, 6 * image_w, n), rng.uniform(-3, 0.5, n)])
+  w = scale * rng.uniform(0.5, 1.5, n)
+  h = scale * rng.uniform(0.5, 1.5, n)
+  return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).astype(np.float32)
+
+
+def distinct_features(rng, shape):
+  """Random features without ties (a permutation of spaced values)."""
+  n = int(np.prod(shape))
+  return (rng.permutation(n).reshape(shape) / n * 4 - 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("height,width,channels,oh,ow,scale", [
+    (9, 13, 3, 3, 2, 0.5),
+    (20, 7, 2, 7, 7, 0.25),
+])
+def test_roi_pool_matches_reference_and_routes_gradient(rng, height, width, channels, oh, ow,
+                                                        scale):
+  f = distinct_features(rng, (height, width, channels))
+  rois = random_rois(rng, 24, height / scale, width / scale)
+  # Halves after scaling: C round goes away from zero.
+  rois[:3] = np.array([[1, 3, 5, 9], [-1, -3, 3, 1], [5, 5, 5, 5]], np.float32) / scale / 2
+  want, arg = ref_roi_pool(f, rois, oh, ow, scale)
+  fn = jax.jit(lambda f, r: roi_pool(f, r, (oh, ow), scale))
+  got = fn(f, rois)
+  assert got.shape == (24, oh, ow, channels) and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got, np.float64), want)
+
+  g = rng.normal(size=want.shape)
+  grad = jax.grad(lambda f: jnp.sum(roi_pool(f, rois, (oh, ow), scale) * g))(f)
+  want_grad = np.zeros((height * width, channels))
+  for idx in np.ndindex(*arg.shape):
+    if arg[idx] >= 0:
+      want_grad[arg[idx], idx[-1]] += g[idx]
+  np.testing.assert_allclose(np.asarray(grad).reshape(-1, channels), want_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling_ratio,aligned", [(-1, False), (-1, True), (2, False),
+                                                    (2, True)])
+def test_roi_align_matches_reference_and_gradient_is_transpose(rng, sampling_ratio, aligned):
+  height, width, channels, oh, ow, scale = 11, 8, 3, 3, 4, 0.5
+  f = rng.normal(size=(height, width, channels)).astype(np.float32)
+  rois = random_rois(rng, 20, height / scale, width / scale)
+  want, mat = ref_roi_align(f, rois, oh, ow, scale, sampling_ratio, aligned)
+  fn = jax.jit(lambda f, r: roi_align(f, r, (oh, ow), scale, sampling_ratio, aligned))
+  got = fn(f, rois)
+  assert got.shape == (20, oh, ow, channels) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+  g = rng.normal(size=want.shape)
+  _, vjp = jax.vjp(lambda f: fn(f, rois), f)
+  want_grad = (mat.T @ g.reshape(-1, channels)).reshape(f.shape)
+  np.testing.assert_allclose(vjp(jnp.asarray(g, jnp.float32))[0], want_grad, atol=2e-5,
+                             rtol=1e-5)
