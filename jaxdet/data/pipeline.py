@@ -1,0 +1,408 @@
+"""Sources, validation and the resumable, prefetching batch Loader.
+
+Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dict; start from
+`default_data_config()`). Every key the data package reads:
+
+  name:         "synthetic" | "synthetic_single" | "voc2007" | "voc2012" | "coco2017" |
+                "examples" (user examples passed to make_source / make_loader).
+  data_dir:     tfds data folder for VOC/COCO (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  num_train:    examples in the train split (synthetic: its size; tfds: the first n, None = all).
+  num_test:     examples in the test split (same meaning).
+  image_size:   (H, W) of synthetic images; also the bucket of resize mode "none".
+  min_objects:  synthetic: fewest objects per image.
+  max_objects:  synthetic: most objects per image.
+  max_boxes:    M, boxes per image after padding (COCO needs ~100, VOC ~42).
+  box_policy:   "error" (an image with more than M boxes is an error naming it) or
+                "keep_largest" (keep the M largest boxes).
+  resize:       mode: "none" (keep pixels) | "shorter_side" (Fast/Faster R-CNN: shorter side
+                  S, longer at most max_size) | "square" (YOLO: square_size x square_size);
+                min_sizes: the S values; training draws one per image (multi-scale);
+                test_min_size: S at evaluation (None: min_sizes[0]);
+                max_size: the longer-side cap; square_size: the square side.
+  buckets:      list of (H, W) batch shapes (None: derived from resize, see
+                transforms.default_buckets); each batch is zero padded to the smallest
+                bucket that fits all its images, so a jitted step compiles once per bucket.
+  augment:      hflip: bool (p = 0.5); scale_translate: max fraction (YOLO: 0.2; 0 = off);
+                hsv: max exposure/saturation factor (YOLO: 1.5; 1 = off). Training only.
+  prefetch:     batches prepared ahead by the background thread (0 = no thread).
+  num_workers:  threads that decode and augment the examples of a batch in parallel.
+  seed:         seed of the synthetic images (the Loader's order and augmentation seed is the
+                `seed` argument of make_loader).
+
+Randomness: the train order of epoch e is a permutation drawn from (seed, e); the augmentation
+of an example from (seed, e, index). A Loader's state is (epoch, position), so a restored
+Loader produces exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from jaxdet import checks
+from jaxdet.data import batching, synthetic, transforms
+
+SOURCE_NAMES = ("synthetic", "synthetic_single", "voc2007", "voc2012", "coco2017", "examples")
+
+
+def default_data_config() -> dict[str, Any]:
+  """The synthetic default: 128x128 images, up to 4 objects, max_boxes 8, hflip."""
+  return {
+      "name": "synthetic",
+      "data_dir": None,
+      "num_train": 2048,
+      "num_test": 256,
+      "image_size": (128, 128),
+      "min_objects": 0,
+      "max_objects": 4,
+      "max_boxes": 8,
+      "box_policy": "error",
+      "resize": {"mode": "none", "min_sizes": (600,), "test_min_size": None,
+                 "max_size": 1000, "square_size": 448},
+      "buckets": None,
+      "augment": {"hflip": True, "scale_translate": 0.0, "hsv": 1.0},
+      "prefetch": 2,
+      "num_workers": 2,
+      "seed": 0,
+  }
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ListSource:
+  """Random access over a list of example dicts (user data)."""
+
+  def __init__(self, examples: Sequence[Mapping[str, Any]], class_names: Sequence[str]):
+    self._examples = list(examples)
+    self.class_names = tuple(class_names)
+    self.num_classes = len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ex = dict(self._examples[index])
+    ex.setdefault("image_id", int(index))
+    return ex
+
+
+class ValidatedSource:
+  """Wraps a source; every example read is checked where it enters (see validate_example)."""
+
+  def __init__(self, source, max_boxes: int | None = None):
+    self._source = source
+    self.class_names = tuple(source.class_names)
+    self.num_classes = len(self.class_names)
+    self.max_boxes = max_boxes
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return validate_example(self._source[index], self.num_classes, index=index)
+
+
+def validate_example(example: Mapping[str, Any], num_classes: int, *, index: int | None = None
+                     ) -> dict[str, Any]:
+  """Checks and normalises one example where data enters jaxdet.
+
+  Accepts "image" u8[H, W, 3] (u8[H, W] or [H, W, 1] grey is converted to RGB), "boxes"
+  [N, 4] (x1, y1, x2, y2) pixels, "labels" [N] integers; optional "difficult" [N],
+  "image_id". Images without objects (N = 0) are normal.
+
+  Raises:
+    ValueError / TypeError naming the example: a corrupt image (wrong dtype, rank, channels,
+    empty), boxes not finite, inverted, outside the image or of zero area, labels out of range.
+  """
+  eid = example.get("image_id", index)
+  where = f" (example {eid})"
+  if "image" not in example or "boxes" not in example or "labels" not in example:
+    raise ValueError(f"example{where}: expected keys 'image', 'boxes', 'labels', got "
+                     f"{sorted(example)}")
+  image = np.asarray(example["image"])
+  if image.dtype != np.uint8:
+    raise TypeError(f"image{where}: expected uint8 RGB pixels, got dtype {image.dtype} "
+                    f"and shape {image.shape}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or image.shape[0] == 0 \
+      or image.shape[1] == 0:
+    raise ValueError(f"image{where}: expected shape (H, W, 3) with H, W > 0, got "
+                     f"{image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  h, w = image.shape[:2]
+  boxes = np.asarray(example["boxes"], np.float32)
+  if boxes.size == 0:
+    boxes = boxes.reshape(0, 4)
+  labels = np.asarray(example["labels"])
+  if labels.size == 0:
+    labels = labels.reshape(0).astype(np.int32)
+  checks.check_box_values("boxes", boxes, height=h, width=w, example_id=eid)
+  checks.check_same_size("boxes", boxes, "labels", labels)
+  checks.check_label_values("labels", labels, num_classes, example_id=eid)
+  empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+  if empty.any():
+    i = int(np.argmax(empty))
+    raise ValueError(f"boxes{where}: box {i} has zero area: {boxes[i].tolist()}")
+  out = dict(example)
+  out.update(image=image, boxes=boxes, labels=labels.astype(np.int32), image_id=eid)
+  if out.get("difficult") is not None:
+    out["difficult"] = np.asarray(out["difficult"], bool).reshape(-1)
+    checks.check_same_size("boxes", boxes, "difficult", out["difficult"])
+  return out
+
+
+def source_from_examples(examples: Sequence[Mapping[str, Any]], class_names: Sequence[str],
+                         max_boxes: int | None = None) -> ValidatedSource:
+  """A validated random-access source over user examples.
+
+  Args:
+    examples: dicts {"image": u8[H, W, 3], "boxes": f32[N, 4] (x1, y1, x2, y2) pixels,
+      "labels": i32[N] in [0, len(class_names)), optional "difficult": bool[N],
+      optional "image_id": int (default: the list index)}.
+    class_names: the C class names.
+  """
+  if not class_names:
+    raise ValueError("class_names: expected at least one class name, got none")
+  return ValidatedSource(ListSource(examples, class_names), max_boxes)
+
+
+def make_source(data_config: Mapping[str, Any], split: str, *,
+                examples: Sequence[Mapping[str, Any]] | None = None,
+                class_names: Sequence[str] | None = None) -> ValidatedSource:
+  """The random-access source of a data config's dataset and split ("train" or "test").
+
+  Returns a source with `len`, `[i]` -> validated example dict, `class_names`, `num_classes`.
+  For name "examples" pass the examples (and class_names) here.
+  """
+  name = data_config["name"]
+  num = data_config.get("num_train" if split == "train" else "num_test")
+  if name in ("synthetic", "synthetic_single"):
+    src = synthetic.SyntheticDetection(
+        2048 if num is None else int(num), image_size=tuple(data_config["image_size"]),
+        min_objects=int(data_config.get("min_objects", 0)),
+        max_objects=int(data_config.get("max_objects", 4)),
+        seed=int(data_config.get("seed", 0)), split=split,
+        single_object=(name == "synthetic_single"))
+  elif name in ("voc2007", "voc2012", "coco2017"):
+    from jaxdet.data import tfds as tfds_lib   # tfds itself is imported lazily in there
+    src = tfds_lib.TfdsDetection(name, split, data_dir=data_config.get("data_dir"),
+                                 num_examples=num)
+  elif name == "examples":
+    if examples is None or class_names is None:
+      raise ValueError("examples: data config name 'examples' needs the list of examples and "
+                       "class_names passed to make_source / make_loader")
+    src = ListSource(examples, class_names)
+  else:
+    raise ValueError(f"name: expected one of {SOURCE_NAMES}, got {name!r}")
+  return ValidatedSource(src, int(data_config["max_boxes"]))
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+class Loader:
+  """Fixed-shape batches from a random-access source; deterministic, resumable, prefetching.
+
+  Iterate it (`next(loader)` or `for batch in loader`) to get batch dicts (see
+  jaxdet.data.batching). Training (`train=True`): shuffled, endless epochs, augmented; the
+  stream runs across epoch boundaries. Evaluation: in order, one pass; the last batch is
+  padded with example_mask False.
+
+  Batches are global: batch_size must be divisible by num_devices. With device_axis=True every
+  array gets a leading device axis [num_devices, batch_size // num_devices, ...] (for pmap);
+  otherwise the global batch is left for the caller to shard along axis 0.
+
+  State: `get_state()` -> {"epoch": int, "position": int, "seed": int} after the last batch
+  returned; `set_state(state)` makes the next batch the one an uninterrupted run would
+  produce next (augmentation included).
+  """
+
+  def __init__(self, source, *, batch_size: int, max_boxes: int,
+               transform: Callable[[Mapping[str, Any], np.random.Generator], dict[str, Any]],
+               buckets: Sequence[Sequence[int]], seed: int = 0, train: bool = True,
+               box_policy: str = "error", prefetch: int = 2, num_workers: int = 1,
+               num_devices: int = 1, device_axis: bool = False):
+    checks.check_positive("batch_size", batch_size)
+    checks.check_positive("num_devices", num_devices)
+    if batch_size % num_devices:
+      raise ValueError(f"batch_size: expected a multiple of num_devices={num_devices}, "
+                       f"got {batch_size}")
+    if len(source) == 0:
+      raise ValueError("source: expected at least one example, got an empty source")
+    self.source, self.batch_size, self.max_boxes = source, int(batch_size), int(max_boxes)
+    self.transform, self.buckets = transform, [tuple(int(x) for x in b) for b in buckets]
+    self.seed, self.train, self.box_policy = int(seed), bool(train), box_policy
+    self.prefetch, self.num_workers = int(prefetch), max(1, int(num_workers))
+    self.num_devices, self.device_axis = int(num_devices), bool(device_axis)
+    self._epoch, self._position = 0, 0
+    self._pool = (concurrent.futures.ThreadPoolExecutor(self.num_workers)
+                  if self.num_workers > 1 else None)
+    self._thread: threading.Thread | None = None
+    self._queue: queue.Queue | None = None
+    self._stop: threading.Event | None = None
+    self._perm_cache: tuple[int, np.ndarray] | None = None
+
+  # -- state
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self._epoch, "position": self._position, "seed": self.seed}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if int(state.get("seed", self.seed)) != self.seed:
+      raise ValueError(f"state: saved with seed {state['seed']}, this Loader has seed "
+                       f"{self.seed}")
+    self._stop_thread()
+    self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+  @property
+  def num_batches(self) -> int | None:
+    """Batches in one evaluation pass (None for training, which repeats)."""
+    return None if self.train else -(-len(self.source) // self.batch_size)
+
+  # -- producing batches (pure functions of the state)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    n = len(self.source)
+    if not self.train:
+      return np.arange(n)
+    if self._perm_cache is None or self._perm_cache[0] != epoch:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+      self._perm_cache = (epoch, perm)
+    return self._perm_cache[1]
+
+  def _load(self, epoch: int, index: int) -> dict[str, Any]:
+    rng = np.random.default_rng([self.seed, epoch, int(index)])
+    return self.transform(self.source[int(index)], rng)
+
+  def _make_batch(self, epoch: int, position: int):
+    """(batch, (epoch, position) after it) or None at the end of an evaluation pass."""
+    n = len(self.source)
+    if not self.train and position >= n:
+      return None
+    keys = []
+    while len(keys) < self.batch_size:
+      if position >= n:
+        if not self.train:
+          break
+        epoch, position = epoch + 1, 0
+      order = self._order(epoch)
+      take = min(self.batch_size - len(keys), n - position)
+      keys += [(epoch, int(i)) for i in order[position:position + take]]
+      position += take
+    if self._pool is not None:
+      examples = list(self._pool.map(lambda k: self._load(*k), keys))
+    else:
+      examples = [self._load(*k) for k in keys]
+    hh = max(e["image"].shape[0] for e in examples)
+    ww = max(e["image"].shape[1] for e in examples)
+    shape = transforms.choose_bucket(hh, ww, self.buckets)
+    pad = self.batch_size - len(examples)
+    examples += [{"image": np.zeros((shape[0], shape[1], 3), np.uint8),
+                  "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32),
+                  "image_id": -1, "example_mask": False}] * pad
+    batch = batching.collate(examples, self.max_boxes, policy=self.box_policy,
+                             image_shape=shape)
+    if self.device_axis:
+      d = self.num_devices
+      batch = {k: v.reshape((d, v.shape[0] // d) + v.shape[1:]) for k, v in batch.items()}
+    return batch, (epoch, position)
+
+  # -- iteration
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.prefetch <= 0:
+      item = self._make_batch(self._epoch, self._position)
+    else:
+      if self._thread is None:
+        self._start_thread()
+      item = self._queue.get()
+      if isinstance(item, BaseException):
+        self._stop_thread()
+        raise item
+    if item is None:
+      self._stop_thread()
+      raise StopIteration
+    batch, (self._epoch, self._position) = item
+    return batch
+
+  def _start_thread(self) -> None:
+    self._queue = queue.Queue(maxsize=self.prefetch)
+    self._stop = threading.Event()
+    q, stop = self._queue, self._stop
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
+    def work(epoch: int, position: int) -> None:
+      try:
+        while not stop.is_set():
+          item = self._make_batch(epoch, position)
+          if not put(item) or item is None:
+            return
+          epoch, position = item[1]
+      except BaseException as e:  # handed to the consumer, raised by __next__
+        put(e)
+
+    self._thread = threading.Thread(target=work, args=(self._epoch, self._position),
+                                    daemon=True, name="jaxdet-data")
+    self._thread.start()
+
+  def _stop_thread(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread, self._queue, self._stop = None, None, None
+
+  def close(self) -> None:
+    """Stops the prefetch thread and the worker pool."""
+    self._stop_thread()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True)
+      self._pool = None
+
+  def __del__(self):
+    try:
+      self._stop_thread()
+    except Exception:  # interpreter shutdown
+      pass
+
+
+def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, seed: int,
+                train: bool, examples: Sequence[Mapping[str, Any]] | None = None,
+                class_names: Sequence[str] | None = None, num_devices: int = 1,
+                device_axis: bool = False) -> Loader:
+  """The Loader of a data config (see the module docstring for keys and randomness).
+
+  Args:
+    data_config: Mapping with the keys of `default_data_config()`.
+    split: "train" or "test" (tfds sources also accept tfds split strings).
+    batch_size: global batch size (a multiple of num_devices).
+    seed: order and augmentation seed.
+    train: shuffled, repeating, augmented (True) or in order, one pass, padded (False).
+    examples, class_names: the user examples when data_config["name"] == "examples".
+    num_devices, device_axis: see Loader.
+  """
+  source = make_source(data_config, split, examples=examples, class_names=class_names)
+  buckets = data_config.get("buckets") or transforms.default_buckets(data_config)
+  return Loader(source, batch_size=batch_size, max_boxes=int(data_config["max_boxes"]),
+                transform=transforms.make_transform(data_config, train), buckets=buckets,
+                seed=seed, train=train, box_policy=data_config.get("box_policy", "error"),
+                prefetch=int(data_config.get("prefetch", 2)),
+                num_workers=int(data_config.get("num_workers", 1)),
+                num_devices=num_devices, device_axis=device_axis)
