@@ -194,7 +194,8 @@ def _nms_impl(boxes, scores, classes, iou_threshold, max_output, mask, score_thr
   if pre_nms_topk is not None and pre_nms_topk < n:
     order = order[:pre_nms_topk]
     num_candidates = jnp.minimum(num_candidates, pre_nms_topk)
-  sorted_boxes = boxes.astype(jnp.float32)[order]
+  # Selection is piecewise constant: no gradient flows through it (callers gather afterwards).
+  sorted_boxes = jax.lax.stop_gradient(boxes.astype(jnp.float32))[order]
   sorted_cls = None if classes is None else classes.astype(jnp.int32)[order]
   if order.shape[0] == 0:                                       # nothing to pick, ever
     return jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool)
