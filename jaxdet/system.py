@@ -46,6 +46,10 @@ class System:
       (e.g. {"batch_stats": ...}) and is {} for models without any.
     predict: (variables, batch) -> Detections dict (see module docstring), in eval mode.
     extras: system-specific callables or constants (e.g. post-training transforms).
+    param_labels: optional params -> pytree of the same structure with "train" or "frozen"
+      at each leaf; the optimizer (jaxdet.train.optim, via optax.multi_transform) leaves
+      "frozen" parameters at their values (e.g. the first conv layers of a pretrained
+      backbone, as in the papers). None = train everything.
   """
   name: str
   num_classes: int
@@ -53,3 +57,4 @@ class System:
   loss: Callable[[Variables, Batch, Array], tuple[Array, dict[str, Array], dict[str, Any]]]
   predict: Callable[[Variables, Batch], dict[str, Array]]
   extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  param_labels: Callable[[Any], Any] | None = None

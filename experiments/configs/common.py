@@ -1,0 +1,168 @@
+"""Config pieces every system's config builds on, and the command-line parsing of configs.
+
+A system's config file (experiments/configs/<system>.py) starts with the command that runs it
+and defines `get_config(preset="cpu")`:
+
+    def get_config(preset="cpu"):
+      config = common.base_config(preset)
+      config.system = "yolo"              # the key in jaxdet.systems.SYSTEMS
+      config.model = {...}                # everything that defines the network (fingerprinted)
+      config.optimizer.learning_rate = ...
+      return common.finalize(config)
+
+Presets: "cpu" (synthetic data, small backbone, minutes on 2 cores; the default) and
+"paper" (the paper's backbone, image scale and schedule, tfds VOC).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+PRESETS = ("cpu", "paper")
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """SGD with momentum 0.9 and weight decay 5e-4 (the papers' Caffe solver), step schedule."""
+  return ml_collections.ConfigDict({
+      "name": "sgd",               # "sgd" | "adam" | "adamw"
+      "learning_rate": 0.01,
+      "momentum": 0.9,
+      "nesterov": False,
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8,   # adam / adamw
+      "weight_decay": 5e-4,        # kernels only (rank > 1 parameters)
+      "schedule": "step",          # "constant" | "step" | "cosine"
+      "decay_steps": (),           # step schedule: multiply by decay_factor at these steps
+      "decay_factor": 0.1,
+      "warmup_steps": 0,           # linear warm-up from learning_rate * warmup_factor
+      "warmup_factor": 0.1,
+      "grad_clip_norm": 0.0,       # clip the global gradient norm (0 = off)
+  })
+
+
+def train_config(preset: str) -> ml_collections.ConfigDict:
+  """The loop: batch size, length, logging and data parallelism."""
+  cpu = preset == "cpu"
+  return ml_collections.ConfigDict({
+      "batch_size": 8 if cpu else 2,    # global batch, split over all devices
+      "num_steps": 300 if cpu else 40_000,
+      "log_every": 10 if cpu else 50,
+      "parallel": "shard_map",          # "shard_map" | "pmap" (same train_step)
+  })
+
+
+def eval_config(preset: str) -> ml_collections.ConfigDict:
+  """Evaluation during and after training."""
+  cpu = preset == "cpu"
+  return ml_collections.ConfigDict({
+      "split": "test",
+      "batch_size": 8 if cpu else 4,
+      "every_steps": 100 if cpu else 5_000,   # 0 = only at the end
+      "max_batches": 8 if cpu else -1,        # during training; -1 = the whole split
+  })
+
+
+def checkpoint_config(preset: str) -> ml_collections.ConfigDict:
+  """orbax checkpoints: periodic, the last `keep` and the best by `best_metric`."""
+  return ml_collections.ConfigDict({
+      "every_steps": 100 if preset == "cpu" else 2_000,
+      "keep": 3,
+      "best_metric": "voc07_map",   # a key of the eval metrics; "" = keep only the last
+      "best_mode": "max",
+  })
+
+
+def data_config(preset: str) -> ml_collections.ConfigDict:
+  """jaxdet.data's defaults (synthetic shapes); the paper preset reads VOC 2007 via tfds.
+
+  Systems set the image scale (`data.resize`) and augmentation for their paper preset.
+  """
+  from jaxdet.data import pipeline
+  config = ml_collections.ConfigDict(pipeline.default_data_config())
+  if preset == "paper":
+    config.name = "voc2007"
+    config.num_train = None      # trainval: all 5011 images
+    config.num_test = None       # test: all 4952 images
+    config.max_boxes = 42        # the most objects in one VOC 2007 image
+  return config
+
+
+def num_classes(preset: str) -> int:
+  """C of the preset's dataset: the 6 synthetic shapes or the 20 VOC classes."""
+  from jaxdet.data import synthetic
+  return len(synthetic.CLASS_NAMES) if preset == "cpu" else 20
+
+
+def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
+  """Everything but the system's name and model section."""
+  if preset not in PRESETS:
+    raise ValueError(f"preset: expected one of {PRESETS}, got {preset!r}")
+  return ml_collections.ConfigDict({
+      "system": "",                  # the key in jaxdet.systems.SYSTEMS
+      "preset": preset,
+      "seed": 0,
+      "num_classes": num_classes(preset),   # C, object classes (no background)
+      "compute_dtype": "float32" if preset == "cpu" else "bfloat16",  # params stay float32
+      "model": ml_collections.ConfigDict(),
+      "data": data_config(preset),
+      "train": train_config(preset),
+      "optimizer": optimizer_config(),
+      "eval": eval_config(preset),
+      "checkpoint": checkpoint_config(preset),
+  })
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config: from here on, setting an unknown key is an error."""
+  if not config.system:
+    raise ValueError("config.system: expected the name of a system in jaxdet.systems.SYSTEMS")
+  config.lock()
+  return config
+
+
+def unknown_key_error(key: str, valid: Sequence[str]) -> ValueError:
+  """An error naming the unknown key and the nearest valid ones."""
+  near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+  if not near:   # try the last component alone, e.g. "train.batchsize" -> "*.batch_size"
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+    near = [by_leaf[k] for k in difflib.get_close_matches(leaf, list(by_leaf), n=3,
+                                                          cutoff=0.5)]
+  hint = ", ".join(near) if near else "(none close; see the config file)"
+  return ValueError(f"config: unknown key {key!r}; nearest valid keys: {hint}")
+
+
+def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None):
+  """Parses `--config=FILE[:preset] [--config.key=value ...]` plus the script's own flags.
+
+  Args:
+    argv: the command line, program name first.
+    define: optional fn(flag_values) defining the script's other flags (absl).
+  Returns:
+    (config, flag_values): the locked ConfigDict with overrides applied, and the parsed flags.
+  Raises:
+    ValueError: an override names an unknown key (the error lists the nearest valid keys).
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  argv = list(argv)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, "experiments/configs/<system>.py[:preset]", flag_values=fv,
+      lock_config=True, sys_argv=argv)
+  fv.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+  if define is not None:
+    define(fv)
+  try:
+    fv(argv)
+  except flags.UnrecognizedFlagError as e:
+    name = getattr(e, "flagname", "")
+    if name.startswith("config."):
+      valid = [n[len("config."):] for n in fv if n.startswith("config.")]
+      raise unknown_key_error(name[len("config."):], valid) from None
+    raise
+  if fv.config is None:
+    raise ValueError("--config: expected experiments/configs/<system>.py[:preset]")
+  return fv.config, fv

@@ -1,0 +1,163 @@
+"""A test-only detector: a tiny conv net that regresses one box and one class per image.
+
+It follows the System contract of jaxdet.system exactly (K = 1 detections), so the training
+machinery is tested without any real detector. Also a stand-in data loader with the
+`jaxdet.data.pipeline.make_loader` interface (deterministic batches, get_state/set_state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdet.system import System
+
+
+class ToyNet(nn.Module):
+  """image u8[B, H, W, 3] -> (box f32[B, 4] in [0, 1] of the image, logits f32[B, C])."""
+  num_classes: int
+  features: int = 8
+  batch_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image, train: bool):
+    x = image.astype(self.dtype) / 255.0
+    x = nn.Conv(self.features, (3, 3), strides=(2, 2), dtype=self.dtype)(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+    x = nn.relu(x)
+    x = nn.Conv(self.features, (3, 3), strides=(2, 2), dtype=self.dtype)(x)
+    x = nn.relu(x).mean(axis=(1, 2))
+    out = nn.Dense(4 + self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return jax.nn.sigmoid(out[:, :4]), out[:, 4:]
+
+
+def build(config: Any) -> System:
+  """The toy System from a config with `model.features`, `model.batch_norm`, `compute_dtype`
+  and `num_classes`."""
+  num_classes = int(config.num_classes)
+  net = ToyNet(num_classes, features=int(config.model.features),
+               batch_norm=bool(config.model.batch_norm),
+               dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+
+  def scale(batch):
+    hw = batch["image_size"].astype(jnp.float32)                     # [B, 2] (h, w)
+    return jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)   # [B, 4]
+
+  def init(rng, batch):
+    return net.init(rng, batch["image"], train=False)
+
+  def loss(variables, batch, rng):
+    del rng
+    mutable = ["batch_stats"] if "batch_stats" in variables else []
+    (box, logits), new_state = net.apply(variables, batch["image"], train=True,
+                                         mutable=mutable)
+    target = batch["boxes"][:, 0] / scale(batch)                     # first box [B, 4]
+    has_box = batch["box_mask"][:, 0].astype(jnp.float32)            # [B]
+    box_l2 = ((box - target) ** 2).sum(-1)
+    onehot = jax.nn.one_hot(batch["labels"][:, 0], num_classes)
+    ce = -(onehot * jax.nn.log_softmax(logits)).sum(-1)
+    n = jnp.maximum(has_box.sum(), 1.0)
+    box_loss = (box_l2 * has_box).sum() / n
+    cls_loss = (ce * has_box).sum() / n
+    return box_loss + cls_loss, {"box_loss": box_loss, "cls_loss": cls_loss}, dict(new_state)
+
+  def predict(variables, batch):
+    box, logits = net.apply(variables, batch["image"], train=False)
+    probs = jax.nn.softmax(logits)
+    return {"boxes": (box * scale(batch))[:, None], "scores": probs.max(-1)[:, None],
+            "labels": probs.argmax(-1).astype(jnp.int32)[:, None],
+            "valid": jnp.ones(box.shape[:1] + (1,), bool)}
+
+  return System(name="toy", num_classes=num_classes, init=init, loss=loss, predict=predict)
+
+
+def toy_batch(index: int, seed: int, batch_size: int, *, size: int = 16, max_boxes: int = 4,
+              num_classes: int = 3) -> dict[str, np.ndarray]:
+  """A deterministic batch: each image has 1..max_boxes bright boxes on a dark background."""
+  g = np.random.default_rng([seed, index])
+  image = np.zeros((batch_size, size, size, 3), np.uint8)
+  boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
+  labels = np.zeros((batch_size, max_boxes), np.int32)
+  mask = np.zeros((batch_size, max_boxes), bool)
+  for b in range(batch_size):
+    n = int(g.integers(1, max_boxes + 1))
+    for j in range(n):
+      x1, y1 = g.integers(0, size // 2, 2)
+      w, h = g.integers(2, size // 2, 2)
+      c = int(g.integers(num_classes))
+      image[b, y1:y1 + h, x1:x1 + w, c] = 255
+      boxes[b, j] = (x1, y1, x1 + w, y1 + h)
+      labels[b, j] = c
+      mask[b, j] = True
+  return {"image": image, "image_size": np.full((batch_size, 2), size, np.int32),
+          "boxes": boxes, "labels": labels, "box_mask": mask}
+
+
+class ToyLoader:
+  """Stand-in for jaxdet.data.pipeline's Loader: fixed-shape batches, resumable.
+
+  Train loaders are infinite; eval loaders give `num_eval_batches` batches with an
+  "example_mask" (the last batch is half padding).
+  """
+
+  def __init__(self, batch_size: int, seed: int, train: bool, *, num_eval_batches: int = 2,
+               delay_s: float = 0.0, **batch_kw):
+    self.batch_size, self.seed, self.train = batch_size, seed, train
+    self.num_eval_batches, self.delay_s, self.batch_kw = num_eval_batches, delay_s, batch_kw
+    self.index = 0
+
+  def get_state(self) -> dict[str, int]:
+    return {"index": self.index}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.index = int(state["index"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if not self.train and self.index >= self.num_eval_batches:
+      raise StopIteration
+    if self.delay_s:
+      import time
+      time.sleep(self.delay_s)
+    seed = self.seed if self.train else self.seed + 10_000
+    batch = toy_batch(self.index, seed, self.batch_size, **self.batch_kw)
+    if not self.train:
+      last = self.index == self.num_eval_batches - 1
+      keep = self.batch_size // 2 if last and self.batch_size > 1 else self.batch_size
+      batch["example_mask"] = np.arange(self.batch_size) < keep
+      batch["image_id"] = (self.index * self.batch_size
+                           + np.arange(self.batch_size)).astype(np.int32)
+    self.index += 1
+    return batch
+
+
+def make_toy_loader(data_config: Any, split: str, *, batch_size: int, seed: int, train: bool,
+                    examples: Any = None, delay_s: float = 0.0) -> ToyLoader:
+  """Same signature as jaxdet.data.pipeline.make_loader (examples is ignored)."""
+  del split, examples
+  return ToyLoader(batch_size, seed, train, delay_s=delay_s,
+                   num_classes=3)
+
+
+def toy_config(**overrides: Any):
+  """A complete experiment config for the toy system (ml_collections ConfigDict)."""
+  from experiments.configs import common
+  config = common.base_config("cpu")
+  config.system = "toy"
+  config.model = {"features": 8, "batch_norm": False}
+  config.num_classes = 3
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
