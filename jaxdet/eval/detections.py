@@ -86,8 +86,9 @@ def check_eval_inputs(gts: Sequence[Mapping[str, Any]], dets: Sequence[Mapping[s
   """Host-side checks of evaluation inputs (see the module docstring for the format).
 
   Raises:
-    ValueError: lists of different lengths, missing keys, mismatched sizes, non-finite or
-      inverted boxes, or a label outside [0, num_classes) (naming the argument, the image index
+    ValueError: lists of different lengths, missing keys, mismatched sizes, non-finite boxes or
+      scores, inverted ground-truth boxes (inverted detections are allowed and match nothing;
+      their negative area lies outside every COCO area range), or a label outside [0, num_classes) (naming the argument, the image index
       and the label).
     TypeError: wrong dtypes.
   """
@@ -112,7 +113,13 @@ def _check_one(name: str, item: Mapping[str, Any], keys: Sequence[str], num_clas
     got = sorted(item) if isinstance(item, Mapping) else type(item).__name__
     raise ValueError(f"{name}: expected a dict with keys {list(keys)}, got {got}")
   boxes = np.asarray(item["boxes"])
-  checks.check_box_values(f"{name}['boxes']", boxes)
+  if "scores" in keys:   # a detection with x2 < x1 or y2 < y1 is allowed: it matches nothing
+    checks.check_boxes(f"{name}['boxes']", boxes)
+    if not np.all(np.isfinite(boxes)):
+      i = int(np.argwhere(~np.isfinite(boxes))[0, 0])
+      raise ValueError(f"{name}['boxes']: box {i} is not finite: {boxes[i].tolist()}")
+  else:
+    checks.check_box_values(f"{name}['boxes']", boxes)
   labels = np.asarray(item["labels"])
   checks.check_array(f"{name}['labels']", labels, ndim=1, dtype_kind="iu")
   checks.check_same_size(f"{name}['boxes']", boxes, f"{name}['labels']", labels)
