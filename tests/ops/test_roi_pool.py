@@ -137,7 +137,7 @@ def test_roi_pool_matches_reference_and_routes_gradient(rng, height, width, chan
   np.testing.assert_array_equal(np.asarray(got, np.float64), want)
 
   g = rng.normal(size=want.shape)
-  grad = jax.grad(lambda f: jnp.sum(roi_pool(f, rois, (oh, ow), scale) * g))(f)
+  grad = jax.jit(jax.grad(lambda f: jnp.sum(fn(f, rois) * g)))(f)
   want_grad = np.zeros((height * width, channels))
   for idx in np.ndindex(*arg.shape):
     if arg[idx] >= 0:
@@ -162,3 +162,80 @@ def test_roi_align_matches_reference_and_gradient_is_transpose(rng, sampling_rat
   want_grad = (mat.T @ g.reshape(-1, channels)).reshape(f.shape)
   np.testing.assert_allclose(vjp(jnp.asarray(g, jnp.float32))[0], want_grad, atol=2e-5,
                              rtol=1e-5)
+
+
+def test_vmap_over_images_masked_vs_sliced_and_chunked(rng, monkeypatch):
+  # A wide map, so roi_align contracts x first (the other order is covered above).
+  batch, height, width, channels, oh, ow, scale = 2, 6, 20, 3, 2, 2, 0.5
+  f = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
+  rois = np.stack([random_rois(rng, 7, height / scale, width / scale) for _ in range(batch)])
+  mask = np.array([[True] * 5 + [False] * 2, [True] * 3 + [False] * 4])
+  pool = jax.jit(jax.vmap(lambda f, r, m: roi_pool(f, r, 2, scale, mask=m)))
+  align = jax.jit(jax.vmap(lambda f, r, m: roi_align(f, r, 2, scale, mask=m)))
+  got_pool, got_align = pool(f, rois, mask), align(f, rois, mask)
+  for b, n in enumerate(mask.sum(1)):
+    want_pool, _ = ref_roi_pool(f[b], rois[b, :n], oh, ow, scale)
+    want_align, _ = ref_roi_align(f[b], rois[b, :n], oh, ow, scale, -1, False)
+    np.testing.assert_array_equal(np.asarray(got_pool[b, :n], np.float64), want_pool)
+    np.testing.assert_allclose(got_align[b, :n], want_align, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got_pool[b, n:], 0.0)
+    np.testing.assert_array_equal(got_align[b, n:], 0.0)
+  # Masked equals sliced (image 0); masked rois pass no gradient back.
+  n = int(mask[0].sum())
+  sliced = jax.jit(lambda f, r: (roi_pool(f, r, 2, scale), roi_align(f, r, 2, scale)))
+  sliced_pool, sliced_align = sliced(f[0], rois[0, :n])
+  np.testing.assert_array_equal(got_pool[0, :n], sliced_pool)
+  np.testing.assert_allclose(got_align[0, :n], sliced_align, atol=1e-6)
+  none = np.zeros_like(mask)
+  grad = jax.jit(jax.grad(lambda f: jnp.sum(align(f, rois, none)) + jnp.sum(
+      pool(f, rois, none))))(f)
+  np.testing.assert_array_equal(grad, 0.0)
+  # Chunked over rois (lax.map with a padded last chunk) equals one chunk.
+  import jaxdet.ops.roi_pool as roi_pool_module
+  monkeypatch.setattr(roi_pool_module, "_ALIGN_CHUNK_ELEMENTS", 3 * ow * height * channels)
+  chunked = jax.jit(lambda f, r, m: roi_align(f, r, 2, scale, mask=m))(f[0], rois[0], mask[0])
+  np.testing.assert_allclose(chunked, got_align[0], atol=1e-6)
+
+
+def test_bfloat16_close_to_float32(rng):
+  height, width, channels, scale = 10, 12, 4, 0.5
+  f = rng.normal(size=(height, width, channels)).astype(np.float32)
+  rois = random_rois(rng, 12, height / scale, width / scale)
+  both = jax.jit(lambda f, r: (roi_pool(f, r, 3, scale), roi_align(f, r, 3, scale)))
+  for got, want in zip(both(jnp.asarray(f, jnp.bfloat16), rois), both(f, rois)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05, rtol=0.02)
+
+
+def test_gradients_finite_on_degenerate_rois(rng):
+  f = rng.normal(size=(5, 6, 2)).astype(np.float32)
+  rois = np.array([[2, 2, 2, 2], [3, 3, 1, 1], [-50, -50, -40, -40], [0, 0, 1e4, 1e4],
+                   [1.5, 1, 1.5, 4]], np.float32)
+  for aligned in (False, True):
+    def loss(f, r):
+      return (jnp.sum(roi_align(f, r, 2, 1.0, aligned=aligned) ** 2)
+              + jnp.sum(roi_pool(f, r, 2, 1.0) ** 2))
+    gf, gr = jax.jit(jax.grad(loss, argnums=(0, 1)))(f, rois)
+    assert np.isfinite(gf).all() and np.isfinite(gr).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+  f = jnp.zeros((4, 5, 2))
+  rois = jnp.zeros((3, 4))
+  for op in (roi_pool, roi_align):
+    with pytest.raises(ValueError, match="features: expected rank 3"):
+      op(jnp.zeros((1, 4, 5, 2)), rois, 2, 1.0)
+    with pytest.raises(TypeError, match="features: expected a floating dtype"):
+      op(jnp.zeros((4, 5, 2), jnp.int32), rois, 2, 1.0)
+    with pytest.raises(ValueError, match="rois: expected last dimension 4"):
+      op(f, jnp.zeros((3, 5)), 2, 1.0)
+    with pytest.raises(ValueError, match="output_size: expected values > 0"):
+      op(f, rois, (2, 0), 1.0)
+    with pytest.raises(TypeError, match="output_size: expected an int or a pair"):
+      op(f, rois, (2, 2, 2), 1.0)
+    with pytest.raises(ValueError, match="spatial_scale: expected values > 0"):
+      op(f, rois, 2, -0.5)
+    with pytest.raises(ValueError, match="mask: expected a bool mask of shape \\(3,\\)"):
+      op(f, rois, 2, 1.0, mask=jnp.ones((4,), bool))
+  with pytest.raises(TypeError, match="sampling_ratio: expected an int"):
+    roi_align(f, rois, 2, 1.0, sampling_ratio=2.0)
