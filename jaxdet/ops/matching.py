@@ -3,7 +3,7 @@
 The rule of Fast/Faster R-CNN (and torchvision's `Matcher`): a row (anchor or proposal) takes the
 ground-truth box it overlaps most; it is positive when that IoU >= `high`, negative when
 `negative_floor` <= IoU < `low` (Fast R-CNN's background interval [0.1, 0.5), Faster R-CNN's RPN
-[0, 0.3)) and ignored otherwise.
+[0, 0.3)) and ignored otherwise. IoU values and thresholds are compared in float32.
 """
 
 from __future__ import annotations
