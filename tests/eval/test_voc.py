@@ -53,7 +53,9 @@ def _ref_voc_eval(gts, dets, c, ovthresh, use_07_metric):
   for i, d in enumerate(dets):
     for b, s, l in zip(d["boxes"], d["scores"], d["labels"]):
       if l == c:
-        image_ids.append(i), conf.append(float(s)), bbs.append(b.astype(float))
+        image_ids.append(i)
+        conf.append(float(s))
+        bbs.append(b.astype(float))
   order = np.argsort(-np.array(conf), kind="stable")
   tp, fp = np.zeros(len(order)), np.zeros(len(order))
   for d, j in enumerate(order):
