@@ -1,0 +1,348 @@
+"""YOLO v1 (Redmon et al., "You Only Look Once", CVPR 2016): detection as one regression.
+
+One network maps the whole image to an S x S x (5B + C) tensor: for each grid cell, B boxes
+(x, y, sqrt w, sqrt h, confidence) and C class probabilities Pr(class | object). Parts:
+
+* `YOLONet`: the network (conv layers with leaky ReLU 0.1, max pooling, two fc layers with
+  dropout between them, linear outputs); `PAPER_LAYERS` (24 conv, 448 x 448 input, S = 7) and
+  `SMALL_LAYERS` (7 conv, 128 x 128 input, for the CPU).
+* `encode_targets`: ground-truth boxes -> per-cell regression targets (one image; vmap it).
+* `jaxdet.losses.yolo_loss`: the paper's sum-squared loss.
+* `decode_predictions` / `postprocess`: raw grid -> boxes, class-specific confidences
+  Pr(class | object) * confidence, threshold, per-class NMS, fixed-size detections.
+* `build_system(config)`: the `jaxdet.system.System` the machinery trains and evaluates.
+
+Output layout of the last axis, per cell: B x (x, y, sqrt w, sqrt h, confidence), then the C
+class probabilities. x, y: the box centre's offset inside its cell, in cell units [0, 1];
+sqrt w, sqrt h: square roots of the box size as fractions of the image width and height. The
+grid covers the whole network input (H x W pixels), images are resized (not padded) to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdet import checks
+from jaxdet import losses
+from jaxdet.ops import boxes as box_ops
+from jaxdet.ops import nms as nms_ops
+from jaxdet.system import System
+
+Array = jax.Array
+
+# A conv layer is (kernel size, features, stride); "M" is 2 x 2 max pooling with stride 2.
+LayerSpec = Any
+
+# Figure 3 of the paper: 24 convolutional layers; 448 -> 7 x 7 x 1024.
+PAPER_LAYERS: tuple[LayerSpec, ...] = (
+    (7, 64, 2), "M",
+    (3, 192, 1), "M",
+    (1, 128, 1), (3, 256, 1), (1, 256, 1), (3, 512, 1), "M",
+    *((1, 256, 1), (3, 512, 1)) * 4, (1, 512, 1), (3, 1024, 1), "M",
+    *((1, 512, 1), (3, 1024, 1)) * 2, (3, 1024, 1), (3, 1024, 2),
+    (3, 1024, 1), (3, 1024, 1),
+)
+PAPER_FC = 4096
+
+# The same pattern scaled down for the CPU: 7 conv layers; 128 -> 4 x 4 x 128.
+SMALL_LAYERS: tuple[LayerSpec, ...] = (
+    (3, 16, 1), "M",
+    (3, 32, 1), "M",
+    (3, 64, 1), "M",
+    (1, 32, 1), (3, 64, 1), "M",
+    (1, 64, 1), (3, 128, 1), "M",
+)
+SMALL_FC = 512
+
+VARIANTS = {
+    # name: (conv layers, fc width, default input size)
+    "paper": (PAPER_LAYERS, PAPER_FC, 448),
+    "small": (SMALL_LAYERS, SMALL_FC, 128),
+}
+
+
+def _check_layers(layers: Sequence[LayerSpec]) -> None:
+  for i, spec in enumerate(layers):
+    ok = spec == "M" or (isinstance(spec, tuple) and len(spec) == 3
+                         and all(isinstance(v, int) and v > 0 for v in spec))
+    if not ok:
+      raise ValueError(f"layers[{i}]: expected (kernel, features, stride) positive ints or "
+                       f"'M', got {spec!r}")
+
+
+def conv_flops(layers: Sequence[LayerSpec], image_size: int, fc_dim: int,
+               out_dim: int) -> int:
+  """Multiply-add FLOPs (2 per MAC) of one image through the network's conv and fc layers.
+
+  Args:
+    layers: the conv layer specs; image_size: the square input side in pixels;
+    fc_dim: the hidden fc width; out_dim: S * S * (5B + C).
+  Returns:
+    FLOPs per image (pooling, activations and biases not counted).
+  """
+  size, cin, flops = image_size, 3, 0
+  for spec in layers:
+    if spec == "M":
+      size //= 2
+      continue
+    k, cout, stride = spec
+    size = -(-size // stride)                   # SAME padding
+    flops += 2 * k * k * cin * cout * size * size
+    cin = cout
+  flat = size * size * cin
+  return flops + 2 * flat * fc_dim + 2 * fc_dim * out_dim
+
+
+class YOLONet(nn.Module):
+  """The YOLO v1 network: images -> raw S x S x (5B + C) predictions.
+
+  Attributes:
+    num_classes: C.
+    grid_size: S.
+    num_boxes: B.
+    layers: conv layer specs ((kernel, features, stride) or "M" for 2 x 2 max pooling).
+    fc_dim: width of the hidden fully connected layer.
+    dropout_rate: dropout after the hidden fc layer (paper: 0.5).
+    batch_norm: batch normalisation after each conv (not in the paper; YOLO v2 added it).
+    dtype: computation dtype (parameters stay float32); outputs are float32.
+  """
+  num_classes: int
+  grid_size: int = 7
+  num_boxes: int = 2
+  layers: Sequence[LayerSpec] = PAPER_LAYERS
+  fc_dim: int = PAPER_FC
+  dropout_rate: float = 0.5
+  batch_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """x: f[N, H, W, 3] normalised images -> f32[N, S, S, 5B + C]."""
+    act = functools.partial(nn.leaky_relu, negative_slope=0.1)
+    x = x.astype(self.dtype)
+    for spec in self.layers:
+      if spec == "M":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      k, features, stride = spec
+      x = nn.Conv(features, (k, k), strides=(stride, stride), padding="SAME",
+                  use_bias=not self.batch_norm, dtype=self.dtype)(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      x = act(x)
+    x = x.reshape(x.shape[0], -1)
+    x = act(nn.Dense(self.fc_dim, dtype=self.dtype)(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    s, d = self.grid_size, 5 * self.num_boxes + self.num_classes
+    x = nn.Dense(s * s * d, dtype=self.dtype)(x)
+    return x.reshape(x.shape[0], s, s, d).astype(jnp.float32)
+
+
+def encode_targets(boxes: Array, labels: Array, mask: Array, *, grid_size: int,
+                   image_size: tuple[int, int], num_classes: int) -> dict[str, Array]:
+  """Assigns each object to the grid cell holding its centre (one image; vmap for a batch).
+
+  Two objects in one cell: the first one (lowest index among the real objects) wins and the
+  others are dropped, as darknet's `fill_truth_region` does (YOLO v1 predicts one class set per
+  cell). Centres on or beyond the image border go to the nearest border cell.
+
+  Args:
+    boxes: f32[M, 4] (x1, y1, x2, y2) pixels of the network input.
+    labels: int[M] classes 0..C-1 (padding entries may hold anything).
+    mask: bool[M] True = real object.
+    grid_size: S.
+    image_size: (height, width) of the network input in pixels (static).
+    num_classes: C.
+  Returns:
+    {"box": f32[S, S, 4] (x, y, w, h): x, y the centre's offset inside the cell in cell units,
+       w, h fractions of the image width and height (0 in cells without an object),
+     "classes": f32[S, S, C] one-hot class of the cell's object (0 elsewhere),
+     "mask": bool[S, S] True where a cell holds an object,
+     "index": i32[S, S] index into the M objects of the cell's object (0 elsewhere)}.
+  """
+  checks.check_boxes("boxes", boxes)
+  checks.check_array("labels", labels, ndim=1, dtype_kind="iu")
+  checks.check_same_size("boxes", boxes, "labels", labels)
+  checks.check_mask("mask", mask, "labels", labels.shape)
+  checks.check_positive("grid_size", grid_size)
+  checks.check_positive("num_classes", num_classes)
+  s = grid_size
+  h, w = image_size
+  b = boxes.astype(jnp.float32)
+  cxcywh = box_ops.xyxy_to_cxcywh(b)                                      # [M, 4]
+  gx = cxcywh[:, 0] / w * s                                               # [M] grid units
+  gy = cxcywh[:, 1] / h * s
+  col = jnp.clip(jnp.floor(gx), 0, s - 1)                                 # [M]
+  row = jnp.clip(jnp.floor(gy), 0, s - 1)
+  per_object = jnp.stack([gx - col, gy - row, cxcywh[:, 2] / w, cxcywh[:, 3] / h], -1)  # [M, 4]
+  cell = (row * s + col).astype(jnp.int32)                                # [M]
+  hits = (cell[:, None] == jnp.arange(s * s)[None, :]) & mask[:, None]    # [M, S*S]
+  has = jnp.any(hits, axis=0)                                             # [S*S]
+  first = jnp.argmax(hits, axis=0).astype(jnp.int32)                      # [S*S] first True
+  box = jnp.where(has[:, None], per_object[first], 0.0)                   # [S*S, 4]
+  classes = jax.nn.one_hot(labels[first], num_classes) * has[:, None]     # [S*S, C]
+  return {"box": box.reshape(s, s, 4), "classes": classes.reshape(s, s, num_classes),
+          "mask": has.reshape(s, s), "index": jnp.where(has, first, 0).reshape(s, s)}
+
+
+def decode_predictions(predictions: Array, *, num_boxes: int,
+                       image_size: tuple[int, int]) -> tuple[Array, Array]:
+  """Raw grid -> boxes and class-specific confidences (one image; vmap for a batch).
+
+  Args:
+    predictions: f32[S, S, 5B + C] raw network outputs (layout in the module docstring).
+    num_boxes: B.
+    image_size: (height, width) of the network input in pixels (static).
+  Returns:
+    boxes: f32[S * S * B, 4] (x1, y1, x2, y2) pixels, ordered by (row, column, predictor);
+      not clipped.
+    scores: f32[S * S * B, C] Pr(class | object) * confidence of each box.
+  """
+  checks.check_array("predictions", predictions, ndim=3, dtype_kind="f")
+  s = predictions.shape[0]
+  checks.check_array("predictions", predictions, shape=(s, s, None))
+  c = predictions.shape[-1] - 5 * num_boxes
+  if c < 1:
+    raise ValueError(f"predictions: expected last dimension 5B + C > {5 * num_boxes} for "
+                     f"B={num_boxes}, got shape {tuple(predictions.shape)}")
+  h, w = image_size
+  p = predictions.astype(jnp.float32)
+  pb = p[..., :5 * num_boxes].reshape(s, s, num_boxes, 5)                 # [S, S, B, 5]
+  cls = p[..., 5 * num_boxes:]                                            # [S, S, C]
+  col = jnp.arange(s, dtype=jnp.float32)[None, :, None]                   # [1, S, 1]
+  row = jnp.arange(s, dtype=jnp.float32)[:, None, None]                   # [S, 1, 1]
+  cx = (col + pb[..., 0]) / s * w                                         # [S, S, B]
+  cy = (row + pb[..., 1]) / s * h
+  bw = jnp.square(pb[..., 2]) * w
+  bh = jnp.square(pb[..., 3]) * h
+  boxes = box_ops.cxcywh_to_xyxy(jnp.stack([cx, cy, bw, bh], -1))         # [S, S, B, 4]
+  scores = cls[:, :, None, :] * pb[..., 4:5]                              # [S, S, B, C]
+  return boxes.reshape(-1, 4), scores.reshape(-1, c)
+
+
+def postprocess(predictions: Array, image_size_hw: Array, *, num_boxes: int,
+                input_size: tuple[int, int], score_threshold: float, iou_threshold: float,
+                max_detections: int, pre_nms_topk: int | None = None) -> dict[str, Array]:
+  """Raw grid -> fixed-size detections for one image (vmap for a batch).
+
+  Class-specific confidences below `score_threshold` are dropped, boxes are clipped to the
+  real pixels, then per-class NMS keeps the `max_detections` best.
+
+  Args:
+    predictions: f32[S, S, 5B + C].
+    image_size_hw: i32[2] (height, width) of the real pixels (boxes are clipped to it).
+    num_boxes: B. input_size: (height, width) of the network input (static).
+    score_threshold, iou_threshold, max_detections, pre_nms_topk: see
+      `jaxdet.ops.nms.multiclass_nms`.
+  Returns:
+    {boxes f32[K, 4], scores f32[K], labels i32[K], valid bool[K]}, K = max_detections.
+  """
+  boxes, scores = decode_predictions(predictions, num_boxes=num_boxes, image_size=input_size)
+  boxes = box_ops.clip_boxes(boxes, image_size_hw[0], image_size_hw[1])
+  return nms_ops.multiclass_nms(boxes, scores, iou_threshold=iou_threshold,
+                                max_output=max_detections, score_threshold=score_threshold,
+                                pre_nms_topk=pre_nms_topk)
+
+
+# --- the System ---------------------------------------------------------------------------------
+
+MODEL_DEFAULTS = {
+    "variant": "small",        # a key of VARIANTS: "paper" (24 conv, 448) or "small" (CPU)
+    "num_classes": 6,          # C
+    "grid_size": 7,            # S
+    "num_boxes": 2,            # B
+    "fc_dim": 0,               # hidden fc width; 0 = the variant's (paper 4096)
+    "dropout_rate": 0.5,
+    "batch_norm": False,       # not in the paper
+    "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0, "lambda_class": 1.0},
+    "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,
+                "pre_nms_topk": 0},   # 0 = every (box, class) pair enters NMS
+}
+
+
+def _section(cfg: Any, key: str) -> dict[str, Any]:
+  """cfg[key] (a ConfigDict or dict) as a plain dict over the defaults; unknown keys raise."""
+  defaults = MODEL_DEFAULTS[key] if key else MODEL_DEFAULTS
+  given = cfg.get(key, {}) if key else cfg
+  given = dict(given.items()) if given is not None else {}
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"config.model{'.' + key if key else ''}: unknown keys {unknown}; "
+                     f"expected some of {sorted(defaults)}")
+  return {**defaults, **given}
+
+
+def make_network(model_cfg: Any, dtype: Any = jnp.float32) -> YOLONet:
+  """The network of a `config.model` section (keys and defaults: `MODEL_DEFAULTS`)."""
+  m = _section(model_cfg, "")
+  if m["variant"] not in VARIANTS:
+    raise ValueError(f"config.model.variant: expected one of {sorted(VARIANTS)}, "
+                     f"got {m['variant']!r}")
+  for key in ("num_classes", "grid_size", "num_boxes"):
+    if isinstance(m[key], bool) or not isinstance(m[key], int) or m[key] < 1:
+      raise ValueError(f"config.model.{key}: expected a positive int, got {m[key]!r}")
+  if not 0.0 <= m["dropout_rate"] < 1.0:
+    raise ValueError(f"config.model.dropout_rate: expected a value in [0, 1), "
+                     f"got {m['dropout_rate']!r}")
+  layers, fc_dim, _ = VARIANTS[m["variant"]]
+  _check_layers(layers)
+  return YOLONet(num_classes=m["num_classes"], grid_size=m["grid_size"],
+                 num_boxes=m["num_boxes"], layers=layers, fc_dim=m["fc_dim"] or fc_dim,
+                 dropout_rate=m["dropout_rate"], batch_norm=m["batch_norm"],
+                 dtype=jnp.dtype(dtype))
+
+
+def build_system(config: Any) -> System:
+  """The YOLO v1 System from an experiment config.
+
+  Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`; `loss` holds the four term
+  weights of `jaxdet.losses.yolo_loss`, `predict` the post-processing settings) and
+  `config.compute_dtype`. Images are resized to the network input (the grid covers the whole
+  input); the input size is the batch's static image shape.
+  """
+  model_cfg = config["model"] if "model" in config else {}
+  m = _section(model_cfg, "")
+  loss_cfg = _section(model_cfg, "loss")
+  pred_cfg = _section(model_cfg, "predict")
+  dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+  net = make_network(model_cfg, dtype)
+  b, s, c = m["num_boxes"], m["grid_size"], m["num_classes"]
+  mutable = ["batch_stats"] if m["batch_norm"] else False
+  from jaxdet.models.backbones import normalize_images
+
+  def input_size(batch) -> tuple[int, int]:
+    checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
+    return tuple(batch["image"].shape[1:3])
+
+  @jax.jit
+  def init(rng, batch):   # jitted: one compilation instead of one per op
+    x = normalize_images(batch["image"], dtype)
+    return dict(net.init({"params": rng}, x, train=False))
+
+  def loss(variables, batch, rng):
+    x = normalize_images(batch["image"], dtype)
+    out = net.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+    preds, new_state = out if mutable else (out, {})
+    targets = jax.vmap(functools.partial(
+        encode_targets, grid_size=s, image_size=input_size(batch), num_classes=c))(
+            batch["boxes"], batch["labels"], batch["box_mask"])
+    value, metrics = losses.yolo_loss(preds, targets, targets["mask"], num_boxes=b, **loss_cfg)
+    return value, metrics, dict(new_state)
+
+  def predict(variables, batch):
+    x = normalize_images(batch["image"], dtype)
+    preds = net.apply(variables, x, train=False)
+    post = functools.partial(
+        postprocess, num_boxes=b, input_size=input_size(batch),
+        score_threshold=pred_cfg["score_threshold"], iou_threshold=pred_cfg["iou_threshold"],
+        max_detections=pred_cfg["max_detections"],
+        pre_nms_topk=pred_cfg["pre_nms_topk"] or None)
+    return jax.vmap(post)(preds, batch["image_size"])
+
+  return System(name="yolo", num_classes=c, init=init, loss=loss, predict=predict,
+                extras={"network": net})
