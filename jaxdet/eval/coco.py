@@ -148,8 +148,14 @@ def _match_chunk(gt, dt, chunk, matched, ignored):
   g_sel = np.flatnonzero(np.isin(gt["pair"], chunk))                # gts of the chunk
   d_sel = np.flatnonzero(np.isin(dt["pair"], chunk))                # dets, sorted per pair
   num_p = len(chunk)
-  g_pair = np.searchsorted(chunk, gt["pair"][g_sel])
   d_pair = np.searchsorted(chunk, dt["pair"][d_sel])
+  # Slots ordered by descending detection count: at step d only the first pairs take part.
+  d_count = np.bincount(d_pair, minlength=num_p)                   # [P]
+  slot = np.empty(num_p, np.int64)
+  slot[np.argsort(-d_count, kind="stable")] = np.arange(num_p)
+  d_pair = slot[d_pair]
+  g_pair = slot[np.searchsorted(chunk, gt["pair"][g_sel])]
+  active = np.sort(d_count)[::-1]                                   # [P] dets per slot
   g_rank, num_g = det_lib.group_ranks(g_pair, num_p)                # gts in input order
   d_rank, num_d = dt["rank"][d_sel], int(dt["rank"][d_sel].max()) + 1
   gt_box = np.zeros((num_p, num_g, 4))                              # [P, G, 4]
@@ -161,9 +167,7 @@ def _match_chunk(gt, dt, chunk, matched, ignored):
   gt_crowd[g_pair, g_rank] = gt["crowd"][g_sel]
   gt_ok[g_pair, g_rank] = True
   dt_box = np.zeros((num_p, num_d, 4))                              # [P, D, 4]
-  dt_ok = np.zeros((num_p, num_d), bool)                            # [P, D] real detection
   dt_box[d_pair, d_rank] = dt["box"][d_sel]
-  dt_ok[d_pair, d_rank] = True
   iou = det_lib.iou_f64(dt_box, gt_box, gt_crowd)                   # [P, D, G]
   gt_ignore = gt_crowd[None] | _area_outside(gt_area.reshape(-1)).reshape(-1, num_p, num_g)
   thresholds = IOU_THRESHOLDS[None, :, None, None]                  # [1, T, 1, 1]
@@ -172,17 +176,19 @@ def _match_chunk(gt, dt, chunk, matched, ignored):
   chunk_matched = np.zeros(shape + (num_d,), bool)                  # [A, T, P, D]
   chunk_ignored = np.zeros(shape + (num_d,), bool)                  # [A, T, P, D]
   for d in range(num_d):                                            # detections in score order
-    iou_d = iou[:, d, :]                                            # [P, G]
-    ok = gt_ok & (~taken | gt_crowd) & (iou_d >= thresholds)        # [A, T, P, G]
-    regular = ok & ~gt_ignore[:, None]                              # [A, T, P, G]
-    any_regular = regular.any(-1)                                   # [A, T, P]
-    any_ok = ok.any(-1) & dt_ok[:, d]                               # [A, T, P]
-    pool = np.where(any_regular[..., None], regular, ok & gt_ignore[:, None])
-    score = np.where(pool, iou_d, -1.0)                             # [A, T, P, G]
+    p = int(np.sum(active > d))                                     # pairs with a d-th det
+    iou_d = iou[:p, d, :]                                           # [p, G]
+    crowd, ignore = gt_crowd[:p], gt_ignore[:, None, :p]            # [p, G], [A, 1, p, G]
+    ok = gt_ok[:p] & (~taken[:, :, :p] | crowd) & (iou_d >= thresholds)   # [A, T, p, G]
+    regular = ok & ~ignore                                          # [A, T, p, G]
+    any_regular = regular.any(-1)                                   # [A, T, p]
+    any_ok = ok.any(-1)                                             # [A, T, p]
+    pool = np.where(any_regular[..., None], regular, ok & ignore)   # [A, T, p, G]
+    score = np.where(pool, iou_d, -1.0)                             # [A, T, p, G]
     best = num_g - 1 - np.argmax(score[..., ::-1], axis=-1)         # last maximum
-    chunk_matched[..., d] = any_ok
-    chunk_ignored[..., d] = any_ok & ~any_regular
-    taken |= any_ok[..., None] & (np.arange(num_g) == best[..., None])
+    chunk_matched[:, :, :p, d] = any_ok
+    chunk_ignored[:, :, :p, d] = any_ok & ~any_regular
+    taken[:, :, :p] |= any_ok[..., None] & (np.arange(num_g) == best[..., None])
   outside = _area_outside(dt["area"][d_sel])                       # [A, n]
   m = chunk_matched[:, :, d_pair, d_rank]                           # [A, T, n]
   matched[:, :, d_sel] = m
@@ -207,15 +213,17 @@ def _accumulate(gt, dt, dt_matched, dt_ignored, num_classes, max_dets):
       tp = np.cumsum(hit & ~skip, axis=-1, dtype=np.float64)        # [A, T, n]
       fp = np.cumsum(~hit & ~skip, axis=-1, dtype=np.float64)       # [A, T, n]
       for a in np.flatnonzero(num_pos[k] > 0):
+        if len(keep) == 0:
+          precision[:, :, k, a, m], recall[:, k, a, m] = 0.0, 0.0
+          continue
         rc = tp[a] / num_pos[k, a]                                  # [T, n]
         pr = tp[a] / (fp[a] + tp[a] + np.spacing(1))                # [T, n]
         pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]    # envelope
-        recall[:, k, a, m] = rc[:, -1] if len(keep) else 0.0
+        recall[:, k, a, m] = rc[:, -1]
         for t in range(num_t):
           idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")   # [R]
-          reached = idx < len(keep)
-          precision[t, :, k, a, m] = np.where(reached, pr[t][np.minimum(idx, len(keep) - 1)]
-                                              if len(keep) else 0.0, 0.0)
+          reached = idx < len(keep)                                 # 0 beyond the last recall
+          precision[t, :, k, a, m] = np.where(reached, pr[t][np.minimum(idx, len(keep) - 1)], 0.0)
   return precision, recall
 
 

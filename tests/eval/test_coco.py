@@ -72,6 +72,9 @@ def test_coco_matches_pycocotools(seed):
     for g in gts:
       if len(g["labels"]) > 1:
         g["boxes"][1], g["labels"][1] = g["boxes"][0], g["labels"][0]
+  if seed == 1:            # inverted detections (x2 < x1, y2 < y1) match nothing
+    for d in dets[:6]:
+      d["boxes"][:2] = d["boxes"][:2, [2, 3, 0, 1]]
   ref = _pycocotools(gts, dets, 4)
   got = coco.coco_evaluate(gts, dets, 4)
   np.testing.assert_allclose([got[k] for k in STAT_KEYS], ref.stats, rtol=0, atol=1e-6)
