@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -21,6 +22,8 @@ from jaxdet.train.evaluate import evaluate_variables
 from jaxdet.train.state import TrainState
 from jaxdet.train.step import make_steps
 from jaxdet.train.writers import MetricWriter, Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,7 @@ def train_and_evaluate(config: Any, workdir: str, *, system: System | None = Non
   if restored is not None:
     state, rng, loader_state = restored
     loader.set_state(loader_state)
+    log.info("resuming from step %d of %s", int(state.step), workdir)
   leader = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=leader)
   runner = make_runner(system, str(config.train.get("parallel", "shard_map")))

@@ -30,6 +30,12 @@ def step_rng(rng: jax.Array, step: jax.Array, axis_name: str | None = None) -> j
   return rng
 
 
+def global_norm(tree: Any) -> jax.Array:
+  """sqrt of the sum of squares of every leaf: f32[]."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: LossFn,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
@@ -59,7 +65,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: Loss
   if axis_name is not None:
     grads, metrics, model_state = jax.lax.pmean((grads, metrics, model_state), axis_name)
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = global_norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -161,3 +161,11 @@ def toy_config(**overrides: Any):
       node = node[p]
     node[last] = value
   return config
+
+
+def resume_config(num_steps: int):
+  """The toy config of the kill-and-resume test: checkpoints every step, batch norm on."""
+  return toy_config(**{"train.num_steps": num_steps, "train.batch_size": 4,
+                       "train.log_every": 1, "checkpoint.every_steps": 1,
+                       "eval.every_steps": 0, "eval.batch_size": 4, "model.batch_norm": True,
+                       "optimizer.warmup_steps": 2})

@@ -1,0 +1,33 @@
+"""Scores the latest checkpoint of a workdir and writes DIR/eval.json.
+
+    python -m experiments.evaluate --config experiments/configs/<system>.py[:preset] \
+        --workdir DIR
+
+eval.json: VOC07 mAP@0.5 (voc07_map), COCO AP / AP50 / AP75 and images/s of the predict
+function (compilation excluded) over `config.eval.split`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from experiments.configs import common
+
+
+def define_flags(fv) -> None:
+  fv.DEFINE_string("workdir", None, "the training run's directory")
+
+
+def main(argv: list[str]) -> dict:
+  config, flags = common.parse_flags(argv, define_flags)
+  if not flags.workdir:
+    raise ValueError("--workdir: expected the training run's directory")
+  from jaxdet.train.loop import evaluate
+  scores = evaluate(config, flags.workdir)
+  print(json.dumps(scores))
+  return scores
+
+
+if __name__ == "__main__":
+  main(sys.argv)

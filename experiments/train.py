@@ -1,0 +1,40 @@
+"""Trains a system, evaluating at intervals and checkpointing; run again to resume.
+
+    python -m experiments.train --config experiments/configs/<system>.py[:cpu|paper] \
+        --workdir DIR [--config.key=value ...]
+
+DIR receives checkpoints/, metrics.jsonl, tensorboard/ and eval.json (the final scores).
+Multi-host: pass --multihost on every host (jax.distributed.initialize() picks up the
+cluster from the environment); the same code then trains over all hosts' devices.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from experiments.configs import common
+
+
+def define_flags(fv) -> None:
+  fv.DEFINE_string("workdir", None, "checkpoints, logs and eval.json go here")
+
+
+def main(argv: list[str]) -> dict:
+  config, flags = common.parse_flags(argv, define_flags)
+  if not flags.workdir:
+    raise ValueError("--workdir: expected a directory for checkpoints and logs")
+  import jax
+  if flags.multihost:
+    jax.distributed.initialize()
+  from jaxdet.train.loop import train_and_evaluate
+  state = train_and_evaluate(config, flags.workdir)
+  with open(f"{flags.workdir}/eval.json") as f:
+    scores = json.load(f)
+  if jax.process_index() == 0:
+    print(f"step {int(state.step)}: " + json.dumps(scores))
+  return scores
+
+
+if __name__ == "__main__":
+  main(sys.argv)
