@@ -24,6 +24,7 @@ maxima JAX's `max` splits it evenly, where torchvision gives it to the first in 
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -282,16 +283,17 @@ def roi_align(features: jax.Array, rois: jax.Array, output_size: int | Sequence[
     ax = _align_weights(b[:, 0], length_w, ow, width, sampling_ratio)    # [n, ow, W]
     ay = jnp.where(v[:, None, None], ay, 0.0).astype(features.dtype)
     ax = ax.astype(features.dtype)
+    # Both products are plain (batched) matrix products on contiguous operands: the big
+    # intermediate t is never transposed, the small weights are broadcast instead.
+    dot = functools.partial(jnp.einsum, precision=precision)
     if x_first:
-      t = jnp.einsum("nqw,hwc->nqhc", ax, features, precision=precision,
-                     preferred_element_type=jnp.float32)                 # [n, ow, H, C]
-      out = jnp.einsum("nph,nqhc->npqc", ay, t.astype(features.dtype),
-                       precision=precision, preferred_element_type=jnp.float32)
+      t = dot("nqw,whc->nqhc", ax, jnp.swapaxes(features, 0, 1))         # [n, ow, H, C]
+      ay = jnp.broadcast_to(ay[:, None], (ay.shape[0], ow, oh, height))  # [n, ow, oh, H]
+      out = dot("nqph,nqhc->nqpc", ay, t).swapaxes(1, 2)                 # [n, oh, ow, C]
     else:
-      t = jnp.einsum("nph,hwc->npwc", ay, features, precision=precision,
-                     preferred_element_type=jnp.float32)                 # [n, oh, W, C]
-      out = jnp.einsum("nqw,npwc->npqc", ax, t.astype(features.dtype),
-                       precision=precision, preferred_element_type=jnp.float32)
+      t = dot("nph,hwc->npwc", ay, features)                             # [n, oh, W, C]
+      ax = jnp.broadcast_to(ax[:, None], (ax.shape[0], oh, ow, width))   # [n, oh, ow, W]
+      out = dot("npqw,npwc->npqc", ax, t)                                # [n, oh, ow, C]
     return out.astype(features.dtype)                                  # [n, oh, ow, C]
 
   if num_chunks == 1:
