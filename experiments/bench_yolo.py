@@ -1,0 +1,190 @@
+"""YOLO v1 test-time speed: images/s at batch 1 and 64, latency at batch 1, share of peak FLOP/s.
+
+  python -m experiments.bench_yolo [--small] [--batch-sizes 1,64] [--dtype bfloat16]
+      [--repeats R] [--out FILE.json]
+
+What is timed: the System's jitted `predict` on u8 images already on the device: normalisation,
+the network, decoding, class-specific confidences, threshold and per-class NMS down to 100
+fixed-size detections per image (the post-processing is included). The network alone is timed
+too, to show the post-processing's share. Compilation is excluded (a warm-up call) and reported;
+each figure is the median of R calls, each synchronised with `jax.block_until_ready`. Parameters
+are cast to the compute dtype once, as a deployed model would be (the master copy is float32).
+
+FLOPs per image: counted analytically (2 per multiply-add of the conv and fc layers,
+`jaxdet.models.yolo.conv_flops`) and by XLA's cost analysis of the compiled network; the share
+of peak uses the analytic count and the device's dense peak for the compute dtype (a table by
+device kind below; unknown devices, and CPUs, just report FLOP/s).
+
+Full (default): the paper's network (24 conv + 2 fc, 448x448, S=7, B=2, C=20), bfloat16.
+`--small`: the CPU network of the cpu preset (7 conv, 128x128, S=7, B=2, C=6), float32, for a
+quick run on a laptop.
+Paper reference: 45 images/s on a Titan X (YOLO), 155 for Fast YOLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdet.models import yolo
+from jaxdet.models.backbones import normalize_images
+
+# Dense (no sparsity) peak FLOP/s by device kind and compute dtype, from the vendors' sheets.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 67e12},     # SXM
+    "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float32": 51e12},
+    "NVIDIA H100 NVL": {"bfloat16": 835e12, "float32": 60e12},
+    "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
+    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 19.5e12},
+    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 19.5e12},
+    "NVIDIA L4": {"bfloat16": 121e12, "float32": 30e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},
+    "TPU v5": {"bfloat16": 459e12},
+}
+
+SETTINGS = {
+    "full": dict(variant="paper", image=448, grid=7, boxes=2, classes=20, dtype="bfloat16",
+                 repeats=20),
+    "small": dict(variant="small", image=128, grid=7, boxes=2, classes=6, dtype="float32",
+                  repeats=5),
+}
+
+
+def peak_flops(device: Any, dtype: str) -> float | None:
+  """The table's dense peak for this device and dtype; None when unknown (CPUs)."""
+  kind = getattr(device, "device_kind", "")
+  if kind in PEAK_FLOPS:
+    return PEAK_FLOPS[kind].get(dtype)
+  for name, peaks in PEAK_FLOPS.items():   # e.g. "NVIDIA H200 NVL" -> "NVIDIA H200"
+    if kind.startswith(name):
+      return peaks.get(dtype)
+  return None
+
+
+def time_fn(fn: Callable, args: tuple, repeats: int) -> tuple[float, float]:
+  """(compile + first call seconds, median seconds of `repeats` synchronised calls)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return compile_s, statistics.median(times)
+
+
+def xla_flops(fn: Callable, args: tuple) -> float | None:
+  """FLOPs of one call by XLA's cost analysis of the compiled function (None if unavailable)."""
+  try:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  except Exception:   # noqa: BLE001  (backends without cost analysis)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def run(size: str = "full", batch_sizes: tuple[int, ...] = (1, 64), dtype: str | None = None,
+        repeats: int | None = None, seed: int = 0) -> dict[str, Any]:
+  """Benchmarks one setting; returns the figures (also printed as a table by `main`)."""
+  s = SETTINGS[size]
+  dtype = dtype or s["dtype"]
+  repeats = repeats or s["repeats"]
+  config = {"compute_dtype": dtype,
+            "model": {"variant": s["variant"], "grid_size": s["grid"], "num_boxes": s["boxes"],
+                      "num_classes": s["classes"],
+                      "predict": {"score_threshold": 0.005, "iou_threshold": 0.5,
+                                  "max_detections": 100, "pre_nms_topk": 0}}}
+  system = yolo.build_system(config)
+  net = system.extras["network"]
+  layers, fc_dim, _ = yolo.VARIANTS[s["variant"]]
+  out_dim = s["grid"] ** 2 * (5 * s["boxes"] + s["classes"])
+  flops_analytic = yolo.conv_flops(layers, s["image"], fc_dim, out_dim)
+  device = jax.devices()[0]
+  peak = peak_flops(device, dtype)
+  rng = np.random.default_rng(seed)
+
+  variables = None
+  rows = []
+  for b in batch_sizes:
+    hw = s["image"]
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (b, hw, hw, 3)), jnp.uint8),
+             "image_size": jnp.full((b, 2), hw, jnp.int32)}
+    if variables is None:
+      variables = system.init(jax.random.key(seed), batch)
+      variables = jax.tree.map(lambda p: p.astype(dtype), variables)   # deployed weights
+    predict = jax.jit(system.predict)
+    network = jax.jit(lambda v, x: net.apply(v, normalize_images(x, dtype), train=False))
+    compile_s, t_all = time_fn(predict, (variables, batch), repeats)
+    _, t_net = time_fn(network, (variables, batch["image"]), repeats)
+    xla = xla_flops(network, (variables, batch["image"]))
+    achieved = flops_analytic * b / t_all
+    rows.append({
+        "batch": b,
+        "images_per_s": b / t_all,
+        "latency_ms": 1e3 * t_all,
+        "network_only_ms": 1e3 * t_net,
+        "postprocess_share": max(t_all - t_net, 0.0) / t_all,
+        "compile_s": compile_s,
+        "tflops_per_s": achieved / 1e12,
+        "fraction_of_peak": achieved / peak if peak else None,
+        "xla_gflops_per_image": xla / b / 1e9 if xla else None,
+    })
+  return {
+      "setting": size, "variant": s["variant"], "image": s["image"], "S": s["grid"],
+      "B": s["boxes"], "C": s["classes"], "dtype": dtype, "repeats": repeats,
+      "gflops_per_image_analytic": flops_analytic / 1e9,
+      "device": f"{device.platform} ({getattr(device, 'device_kind', '')}), "
+                f"{jax.device_count()} device(s)",
+      "peak_tflops": peak / 1e12 if peak else None,
+      "jax": jax.__version__, "python": platform.python_version(),
+      "rows": rows,
+  }
+
+
+def format_table(result: dict[str, Any]) -> str:
+  head = (f"YOLO v1 {result['variant']} {result['image']}x{result['image']} S={result['S']} "
+          f"B={result['B']} C={result['C']} {result['dtype']} on {result['device']}; "
+          f"{result['gflops_per_image_analytic']:.2f} GFLOPs/image (analytic)"
+          + (f", peak {result['peak_tflops']:.0f} TFLOP/s" if result["peak_tflops"] else ""))
+  lines = [head, "batch  images/s  latency ms  network ms  post share  TFLOP/s  of peak  "
+                 "XLA GFLOPs/img  compile s"]
+  for r in result["rows"]:
+    peak = f"{100 * r['fraction_of_peak']:6.1f}%" if r["fraction_of_peak"] is not None else "     -"
+    xla = f"{r['xla_gflops_per_image']:14.2f}" if r["xla_gflops_per_image"] else "             -"
+    lines.append(f"{r['batch']:5d}  {r['images_per_s']:8.1f}  {r['latency_ms']:10.2f}  "
+                 f"{r['network_only_ms']:10.2f}  {100 * r['postprocess_share']:9.1f}%  "
+                 f"{r['tflops_per_s']:7.3f}  {peak}  {xla}  {r['compile_s']:9.1f}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true", help="the CPU network, a quick run")
+  parser.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes")
+  parser.add_argument("--dtype", default=None, help="compute dtype (default: the setting's)")
+  parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure")
+  parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+  args = parser.parse_args(argv)
+  batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+  result = run("small" if args.small else "full", batch_sizes, args.dtype, args.repeats)
+  print(format_table(result))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
