@@ -13,13 +13,21 @@ row samples of their interpolation weight on row `h` (likewise `Ax`). Each RoI's
 spaced `bin_h / gh >= bin_h / (bin_h + 1)` apart, and a bin holds at most `H + 2` of them (at most
 `gh <= H + 1` when `bin_h <= H + 1`, and fewer than `H + 2` spacings fit in `[-1, H]` otherwise).
 So a static window of `H + 4` samples, started just before the bin's first sample inside the
-map, holds every sample that counts: exact for every RoI, however large, with no cap.
+map, holds every sample that counts: exact for every RoI, however large, with no cap (the
+window costs only in building the small [R, oh, H + 4, H] weights, not in the products).
+Memory: the product contracting one axis first leaves an intermediate of ow * H * C (or
+oh * W * C) values per RoI, several times the output, so RoIs are processed in chunks
+(`lax.map`) of at most `_ALIGN_CHUNK_ELEMENTS` intermediate values per image. FLOPs per RoI:
+2 C (ow H W + oh ow H) (about 19 MFLOP at 7x7 on a 38x63x512 map): dense work that matrix units
+do well, in exchange for no gathers and no scatter.
 
 RoI max pooling. Bins are integer rectangles (Caffe rounding). A 2-D sparse table of the feature
 map (max over `2^k x 2^l` blocks, `log2 H x log2 W` levels) answers each bin's max with four
 overlapping block look-ups (max is idempotent), so the work is four gathers of a channel vector
-per output cell, independent of the RoI size. The gradient reaches the bin's argmax (for tied
-maxima JAX's `max` splits it evenly, where torchvision gives it to the first in row-major order).
+per output cell, independent of the RoI size; the table holds (floor(log2 H) + 1)
+(floor(log2 W) + 1) H W C values (36 copies of a 38x63 map). The gradient reaches the bin's
+argmax (for tied maxima JAX's `max` splits it evenly, where torchvision gives it all to the
+first in row-major order; the total is the same).
 """
 
 from __future__ import annotations

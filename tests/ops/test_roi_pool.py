@@ -107,7 +107,7 @@ def random_rois(rng, n, image_h, image_w):
   cx = rng.uniform(-0.2, 1.2, n) * image_w
   cy = rng.uniform(-0.2, 1.2, n) * image_h
   kind = rng.integers(0, 4, n)
-  scale = np.choose(kind, [rng.uniform(0.5, 4, n), rng.uniform(4, 0.6 * image_w, n),
+  scale = np.choose(kind, [rng.uniform(0.5, 4, n), rng.uniform(4, 4 + 0.6 * image_w, n),
                            rng.uniform(image_w, 6 * image_w, n), rng.uniform(-3, 0.5, n)])
   w = scale * rng.uniform(0.5, 1.5, n)
   h = scale * rng.uniform(0.5, 1.5, n)
