@@ -81,7 +81,7 @@ def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
 
 def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
   """A smooth random colour field f32[h, w, 3] in [0, 255] (muted colours)."""
-  gh, gw = 2 + rng.integers(2, 7), 2 + rng.integers(2, 7)
+  gh, gw = 2 + int(rng.integers(2, 7)), 2 + int(rng.integers(2, 7))
   base = rng.uniform(60, 190, size=3).astype(np.float32)
   grid = base + rng.normal(0, rng.uniform(10, 45), size=(gh, gw, 3)).astype(np.float32)
   ry = _interp_matrix(h, gh)                                  # [h, gh]

@@ -125,12 +125,16 @@ def hsv_jitter(example: Mapping[str, Any], rng: np.random.Generator,
   log_m = math.log(max_factor)
   f_sat = math.exp(rng.uniform(-log_m, log_m))
   f_val = math.exp(rng.uniform(-log_m, log_m))
-  x = example["image"].astype(np.float32)
-  v = x.max(axis=-1, keepdims=True)
-  x = np.maximum(v - f_sat * (v - x), 0.0)                 # saturation; clipped at S = 1
-  gain = np.minimum(f_val, 255.0 / np.maximum(v, 1e-6))    # exposure; V clipped at 255
-  x = x * gain
-  return _replace(example, image=np.clip(np.rint(x), 0, 255).astype(np.uint8))
+  # Each output channel depends only on (V, c): tabulate the 256 x 256 values once per image.
+  v = np.arange(256, dtype=np.float32)[:, None]            # V = max(r, g, b)
+  c = np.arange(256, dtype=np.float32)[None, :]            # one channel, c <= V
+  x = np.maximum(v - f_sat * (v - c), 0.0)                 # saturation; clipped at S = 1
+  x = x * np.minimum(f_val, 255.0 / np.maximum(v, 1e-6))   # exposure; V clipped at 255
+  table = np.clip(np.rint(x), 0, 255).astype(np.uint8).ravel()      # [V * 256 + c]
+  image = example["image"]
+  vmax = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
+  index = (vmax.astype(np.uint16) << 8)[..., None] | image
+  return _replace(example, image=table[index])
 
 
 def choose_bucket(height: int, width: int, buckets: Sequence[Sequence[int]]
