@@ -94,11 +94,10 @@ class ListSource:
 class ValidatedSource:
   """Wraps a source; every example read is checked where it enters (see validate_example)."""
 
-  def __init__(self, source, max_boxes: int | None = None):
+  def __init__(self, source):
     self._source = source
     self.class_names = tuple(source.class_names)
     self.num_classes = len(self.class_names)
-    self.max_boxes = max_boxes
 
   def __len__(self) -> int:
     return len(self._source)
@@ -158,8 +157,8 @@ def validate_example(example: Mapping[str, Any], num_classes: int, *, index: int
   return out
 
 
-def source_from_examples(examples: Sequence[Mapping[str, Any]], class_names: Sequence[str],
-                         max_boxes: int | None = None) -> ValidatedSource:
+def source_from_examples(examples: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+                         ) -> ValidatedSource:
   """A validated random-access source over user examples.
 
   Args:
@@ -170,7 +169,7 @@ def source_from_examples(examples: Sequence[Mapping[str, Any]], class_names: Seq
   """
   if not class_names:
     raise ValueError("class_names: expected at least one class name, got none")
-  return ValidatedSource(ListSource(examples, class_names), max_boxes)
+  return ValidatedSource(ListSource(examples, class_names))
 
 
 def make_source(data_config: Mapping[str, Any], split: str, *,
@@ -201,7 +200,7 @@ def make_source(data_config: Mapping[str, Any], split: str, *,
     src = ListSource(examples, class_names)
   else:
     raise ValueError(f"name: expected one of {SOURCE_NAMES}, got {name!r}")
-  return ValidatedSource(src, int(data_config["max_boxes"]))
+  return ValidatedSource(src)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -213,7 +212,8 @@ class Loader:
   Iterate it (`next(loader)` or `for batch in loader`) to get batch dicts (see
   jaxdet.data.batching). Training (`train=True`): shuffled, endless epochs, augmented; the
   stream runs across epoch boundaries. Evaluation: in order, one pass; the last batch is
-  padded with example_mask False.
+  padded with example_mask False; iterating a finished evaluation Loader again starts a new
+  pass.
 
   Batches are global: batch_size must be divisible by num_devices. With device_axis=True every
   array gets a leading device axis [num_devices, batch_size // num_devices, ...] (for pmap);
@@ -317,6 +317,10 @@ class Loader:
   # -- iteration
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    """Training: continues from the current state. Evaluation: a finished pass starts over,
+    so `for batch in loader` runs one full pass each time."""
+    if not self.train and self._position >= len(self.source):
+      self.set_state({"epoch": 0, "position": 0})
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:

@@ -94,6 +94,17 @@ def test_eval_one_pass_in_order_padded():
   np.testing.assert_array_equal(batches[1]["image"][0], src[3]["image"])
   with pytest.raises(StopIteration):
     next(loader)
+  again = list(loader)                          # a finished pass starts over
+  assert np.concatenate([b["image_id"] for b in again]).tolist() == ids.tolist()
+
+
+def test_ml_collections_config():
+  ml_collections = pytest.importorskip("ml_collections")
+  cfg = ml_collections.ConfigDict(_cfg(prefetch=0))
+  cfg.buckets = [(40, 48)]
+  cfg.augment.hflip = False
+  b = next(pipeline.make_loader(cfg, "train", batch_size=2, seed=0, train=True))
+  assert b["image"].shape == (2, 40, 48, 3) and not b["image"][:, 32:].any()
 
 
 def test_device_axis_and_divisibility():
