@@ -118,6 +118,14 @@ def global_avg_pool(x: Array) -> Array:
   return jnp.mean(x, axis=(1, 2))
 
 
+def _check_images(name: str, x: Array) -> None:
+  """x must be f[B, H, W, 3] of a floating dtype (bfloat16 included)."""
+  checks.check_array(name, x, ndim=4, last_dim=3)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a floating dtype (normalised images, see "
+                    f"normalize_images), got {x.dtype} with shape {tuple(x.shape)}")
+
+
 def _pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """Symmetric explicit padding (as torch; "SAME" would pad asymmetrically at stride 2)."""
   return ((p, p), (p, p))
@@ -200,7 +208,7 @@ class TinyConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """f[B, H, W, 3] -> f[B, ceil(H / stride), ceil(W / stride), widths[-1]] (H, W even)."""
-    checks.check_array("x", x, ndim=4, last_dim=3, dtype_kind="f")
+    _check_images("x", x)
     pools = int(round(math.log2(self.stride))) - 1
     conv = lambda w, name: nn.Conv(w, (3, 3), padding=_pad(1), dtype=self.dtype,
                                    kernel_init=_conv_init, name=name)
@@ -249,7 +257,7 @@ class AlexNetConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """f[B, H, W, 3] -> f[B, ~H/16, ~W/16, convs[-1].features]."""
-    checks.check_array("x", x, ndim=4, last_dim=3, dtype_kind="f")
+    _check_images("x", x)
     for i, c in enumerate(self.convs):
       x = nn.Conv(c.features, (c.kernel, c.kernel), (c.stride, c.stride), padding=_pad(c.padding),
                   dtype=self.dtype, kernel_init=_conv_init, name=f"conv{i + 1}")(x)
@@ -279,7 +287,7 @@ class VGGConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """f[B, H, W, 3] -> f[B, H // 16, W // 16, 512] (conv5_3 after ReLU)."""
-    checks.check_array("x", x, ndim=4, last_dim=3, dtype_kind="f")
+    _check_images("x", x)
     for s, widths in enumerate(self.stages):
       if s > 0:
         x = max_pool(x, 2, 2)
@@ -369,7 +377,7 @@ class ResNetConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """f[B, H, W, 3] -> f[B, ~H/16, ~W/16, 4 * widths[2]] (1024 for ResNet-50)."""
-    checks.check_array("x", x, ndim=4, last_dim=3, dtype_kind="f")
+    _check_images("x", x)
     x = nn.Conv(self.widths[0], (7, 7), (2, 2), padding=_pad(3), use_bias=False,
                 dtype=self.dtype, kernel_init=_conv_init, name="conv1")(x)
     x = nn.relu(_norm(self.frozen_bn, train, self.dtype, "bn1")(x))
