@@ -43,7 +43,9 @@ def make_schedule(cfg: Any, num_steps: int) -> Schedule:
   if warmup <= 0:
     return main
   start = lr * float(cfg.get("warmup_factor", 0.0))
-  return optax.join_schedules([optax.linear_schedule(start, lr, warmup), main], [warmup])
+  # join_schedules hands the second schedule `step - warmup`; decay steps count from 0.
+  return optax.join_schedules([optax.linear_schedule(start, lr, warmup),
+                               lambda step: main(step + warmup)], [warmup])
 
 
 def decay_mask(params: Any) -> Any:

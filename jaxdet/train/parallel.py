@@ -56,8 +56,11 @@ def shard_map_step(step_fn: StepFn, mesh: Mesh, *, donate: bool = True) -> StepF
     (state, batch, rng) -> (state, metrics); batch leaves are global arrays (see
     `shard_batch`) or host arrays of the global batch size.
   """
+  # check_vma=False: gradients of the replicated parameters stay per-device (as under pmap)
+  # and train_step averages them with pmean; with varying-manual-axes checking on, autodiff
+  # would already sum them over the devices.
   fn = jax.shard_map(functools.partial(step_fn, axis_name=AXIS), mesh=mesh,
-                     in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+                     in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False)
   return jax.jit(fn, donate_argnums=(0,) if donate else ())
 
 

@@ -11,7 +11,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxdet.system import Batch, System
@@ -43,8 +42,8 @@ class TrainState:
 def check_float32_params(params: Any) -> None:
   """Parameters must be float32 (the master copy); raises ValueError naming the first other."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    dtype = np.dtype(leaf.dtype)
-    if dtype.kind == "f" and dtype != np.float32:
+    dtype = jnp.dtype(leaf.dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype != jnp.float32:   # bf16 is kind "V"
       raise ValueError(f"params: expected float32 parameters (compute dtype is set on the "
                        f"model), got {dtype} at {jax.tree_util.keystr(path)}")
 
