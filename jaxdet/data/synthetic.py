@@ -25,6 +25,7 @@ import zlib
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 from scipy import special
 
 from jaxdet import checks
@@ -80,24 +81,13 @@ def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
 
 
 def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-  """A smooth random colour field f32[h, w, 3] in [0, 255] (muted colours)."""
+  """A smooth random colour field f32[h, w, 3] in [0, 255] (muted colours): a coarse random
+  grid upsampled bilinearly (PIL, no BLAS: multithreaded BLAS stalls on a busy host)."""
   gh, gw = 2 + int(rng.integers(2, 7)), 2 + int(rng.integers(2, 7))
-  base = rng.uniform(60, 190, size=3).astype(np.float32)
-  grid = base + rng.normal(0, rng.uniform(10, 45), size=(gh, gw, 3)).astype(np.float32)
-  ry = _interp_matrix(h, gh)                                  # [h, gh]
-  rx = _interp_matrix(w, gw)                                  # [w, gw]
-  return np.einsum("yi,ijc,xj->yxc", ry, grid, rx, optimize=True)
-
-
-def _interp_matrix(n: int, g: int) -> np.ndarray:
-  """Linear interpolation weights f32[n, g] from g grid knots spread over n pixels."""
-  pos = (np.arange(n, dtype=np.float32) + 0.5) * (g - 1) / n
-  lo = np.minimum(pos.astype(np.int32), g - 2)
-  frac = pos - lo
-  m = np.zeros((n, g), np.float32)
-  m[np.arange(n), lo] = 1 - frac
-  m[np.arange(n), lo + 1] = frac
-  return m
+  base = rng.uniform(60, 190, size=3)
+  grid = base + rng.normal(0, rng.uniform(10, 45), size=(gh, gw, 3))
+  grid = Image.fromarray(np.clip(np.rint(grid), 0, 255).astype(np.uint8))
+  return np.asarray(grid.resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
 class SyntheticDetection:
