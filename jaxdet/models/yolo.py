@@ -302,10 +302,13 @@ def build_system(config: Any) -> System:
 
   Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`; `loss` holds the four term
   weights of `jaxdet.losses.yolo_loss`, `predict` the post-processing settings) and
-  `config.compute_dtype`. Images are resized to the network input (the grid covers the whole
+  `config.compute_dtype`; a top-level `config.num_classes` (set when training on one's own
+  examples) replaces `config.model.num_classes`. Images are resized to the network input (the grid covers the whole
   input); the input size is the batch's static image shape.
   """
-  model_cfg = config["model"] if "model" in config else {}
+  model_cfg = dict((config["model"] if "model" in config else {}).items())
+  if config.get("num_classes") is not None:   # one's own data: config.num_classes wins
+    model_cfg["num_classes"] = int(config["num_classes"])
   m = _section(model_cfg, "")
   loss_cfg = _section(model_cfg, "loss")
   pred_cfg = _section(model_cfg, "predict")

@@ -206,3 +206,13 @@ def test_errors():
     yolo._check_layers(((3, 16, 1), "P"))
   with pytest.raises(ValueError, match="predictions: expected last dimension 5B"):
     yolo.decode_predictions(jnp.zeros((7, 7, 10)), num_boxes=2, image_size=(448, 448))
+
+
+def test_config_presets_build():
+  from experiments.configs import yolo as yolo_config
+  for preset, classes, variant in [("cpu", 6, "small"), ("paper", 20, "paper")]:
+    config = yolo_config.get_config(preset)
+    system = yolo.build_system(config)
+    assert system.name == "yolo" and system.num_classes == classes
+    assert system.extras["network"].layers == yolo.VARIANTS[variant][0]
+  assert yolo.build_system({"num_classes": 4, "model": {}}).num_classes == 4
