@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxdet import checks
 from jaxdet import losses
+from jaxdet.models.backbones import normalize_images
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops import nms as nms_ops
 from jaxdet.system import System
@@ -303,8 +304,8 @@ def build_system(config: Any) -> System:
   Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`; `loss` holds the four term
   weights of `jaxdet.losses.yolo_loss`, `predict` the post-processing settings) and
   `config.compute_dtype`; a top-level `config.num_classes` (set when training on one's own
-  examples) replaces `config.model.num_classes`. Images are resized to the network input (the grid covers the whole
-  input); the input size is the batch's static image shape.
+  examples) replaces `config.model.num_classes`. Images are resized to the network input (the
+  grid covers the whole input); the input size is the batch's static image shape.
   """
   model_cfg = dict((config["model"] if "model" in config else {}).items())
   if config.get("num_classes") is not None:   # one's own data: config.num_classes wins
@@ -316,7 +317,6 @@ def build_system(config: Any) -> System:
   net = make_network(model_cfg, dtype)
   b, s, c = m["num_boxes"], m["grid_size"], m["num_classes"]
   mutable = ["batch_stats"] if m["batch_norm"] else False
-  from jaxdet.models.backbones import normalize_images
 
   def input_size(batch) -> tuple[int, int]:
     checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
