@@ -13,7 +13,8 @@ ymax) / size of the 1-based inclusive VOC annotation, i.e. already continuous pi
 Decoded example: {"image": u8[H, W, 3], "boxes": f32[N, 4], "labels": i32[N],
 "difficult": bool[N], "image_id": int} plus, for COCO, "crowd_boxes" f32[K, 4] and
 "crowd_labels" i32[K]: crowd regions are kept out of the training targets and stay available
-to COCO evaluation (which ignores detections matched to them). COCO boxes with zero width or
+to COCO evaluation (which ignores detections matched to them), read from the source
+(`source[i]`, original pixels; the Loader's batches do not carry them). COCO boxes with zero width or
 height (a handful in train2017) are dropped at entry.
 
 Preparing a dataset (on a machine with network access and TensorFlow installed):
@@ -77,6 +78,13 @@ def normalized_yxyx_to_xyxy(bbox: np.ndarray, height: int, width: int) -> np.nda
   return bbox[:, [1, 0, 3, 2]] * scale
 
 
+def _to_pixels(bbox: np.ndarray, height: int, width: int) -> np.ndarray:
+  """normalized_yxyx_to_xyxy, clipped to the image against float rounding (tfds stores
+  coordinates in [0, 1])."""
+  boxes = normalized_yxyx_to_xyxy(bbox, height, width)
+  return np.clip(boxes, 0.0, np.float32([width, height, width, height]))
+
+
 def _image_id(example: Mapping[str, Any], index: int) -> int:
   """COCO's image/id; for VOC the digits of the file name ("2008_000123.jpg" -> 2008000123)."""
   if "image/id" in example:
@@ -104,7 +112,7 @@ def decode_voc(example: Mapping[str, Any], index: int) -> dict[str, Any]:
   h, w = image.shape[:2]
   objs = _objects(example, ("bbox", "label", "is_difficult"), index)
   return {"image": image,
-          "boxes": normalized_yxyx_to_xyxy(objs["bbox"], h, w),
+          "boxes": _to_pixels(objs["bbox"], h, w),
           "labels": objs["label"].astype(np.int32),
           "difficult": objs["is_difficult"].astype(bool),
           "image_id": _image_id(example, index)}
@@ -115,7 +123,7 @@ def decode_coco(example: Mapping[str, Any], index: int) -> dict[str, Any]:
   image = np.asarray(example["image"])
   h, w = image.shape[:2]
   objs = _objects(example, ("bbox", "label", "is_crowd"), index)
-  boxes = normalized_yxyx_to_xyxy(objs["bbox"], h, w)
+  boxes = _to_pixels(objs["bbox"], h, w)
   labels = objs["label"].astype(np.int32)
   crowd = objs["is_crowd"].astype(bool)
   nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
