@@ -19,7 +19,8 @@ from experiments.configs import common
 
 
 def define_flags(fv) -> None:
-  fv.DEFINE_integer("steps", 20, "timed steps after compilation")
+  from absl import flags
+  flags.DEFINE_integer("steps", 20, "timed steps after compilation", flag_values=fv)
 
 
 def bench(config: Any, steps: int, *, system: Any = None, make_loader: Any = None

@@ -19,17 +19,24 @@ from experiments.configs import common
 
 
 def define_flags(fv) -> None:
-  fv.DEFINE_string("workdir", None, "the training run's directory")
-  fv.DEFINE_multi_string("images", [], "image files (PNG, JPEG, ...)")
-  fv.DEFINE_string("out", None, "where the drawn images go")
-  fv.DEFINE_float("score_threshold", 0.3, "draw detections scoring at least this")
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "the training run's directory", flag_values=fv)
+  flags.DEFINE_multi_string("images", [], "image files (PNG, JPEG, ...)", flag_values=fv)
+  flags.DEFINE_string("out", None, "where the drawn images go", flag_values=fv)
+  flags.DEFINE_float("score_threshold", 0.3, "draw detections scoring at least this", flag_values=fv)
 
 
 def image_batch(config: Any, image: np.ndarray) -> dict[str, np.ndarray]:
-  """One image u8[H, W, 3] as a batch of 1, resized and padded as evaluation data is."""
+  """One image u8[H, W, 3] as a batch of 1, resized and padded as evaluation data is.
+
+  With resize mode "none" (data of one fixed size), the image is resized to
+  `data.image_size`, the size the model was trained at.
+  """
   from jaxdet.data import batching, transforms
   example = {"image": image, "boxes": np.zeros((0, 4), np.float32),
              "labels": np.zeros((0,), np.int32)}
+  if config.data.resize.mode == "none":
+    example = transforms.resize(example, config.data.image_size)
   example = transforms.make_transform(config.data, False)(example, np.random.default_rng(0))
   buckets = config.data.get("buckets") or transforms.default_buckets(config.data)
   h, w = example["image"].shape[:2]
@@ -61,7 +68,8 @@ def detect(config: Any, workdir: str, paths: list[str], out: str, *,
   names, written = class_names(config), []
   for path, image, batch in zip(paths, images, batches):
     det = unbatch_detections(jax.device_get(predict(state.variables, batch)))[0]
-    boxes = det["boxes"] / batch["scale"][0]               # back to the original pixels
+    (h, w), (h0, w0) = batch["image_size"][0], image.shape[:2]
+    boxes = det["boxes"] * np.float32([w0 / w, h0 / h, w0 / w, h0 / h])   # original pixels
     drawn = draw_detections(image, boxes, det["labels"], det["scores"], class_names=names,
                             score_threshold=score_threshold)
     stem = os.path.splitext(os.path.basename(path))[0]

@@ -16,7 +16,8 @@ from experiments.configs import common
 
 
 def define_flags(fv) -> None:
-  fv.DEFINE_string("workdir", None, "the training run's directory")
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "the training run's directory", flag_values=fv)
 
 
 def main(argv: list[str]) -> dict:

@@ -17,7 +17,8 @@ from experiments.configs import common
 
 
 def define_flags(fv) -> None:
-  fv.DEFINE_string("workdir", None, "checkpoints, logs and eval.json go here")
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "checkpoints, logs and eval.json go here", flag_values=fv)
 
 
 def main(argv: list[str]) -> dict:

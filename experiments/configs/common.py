@@ -134,6 +134,30 @@ def unknown_key_error(key: str, valid: Sequence[str]) -> ValueError:
   return ValueError(f"config: unknown key {key!r}; nearest valid keys: {hint}")
 
 
+def config_keys(config: Any, prefix: str = "") -> list[str]:
+  """Every key of a nested config as a dotted path ("optimizer", "optimizer.learning_rate")."""
+  keys = []
+  for key, value in config.items():
+    keys.append(f"{prefix}{key}")
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      keys += config_keys(value, f"{prefix}{key}.")
+  return keys
+
+
+def _flag_values(argv: list[str], define: Callable[[Any], None] | None):
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, "experiments/configs/<system>.py[:preset]", flag_values=fv,
+      lock_config=True, sys_argv=argv)
+  flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first",
+                    flag_values=fv)
+  if define is not None:
+    define(fv)
+  return fv
+
+
 def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None):
   """Parses `--config=FILE[:preset] [--config.key=value ...]` plus the script's own flags.
 
@@ -145,24 +169,20 @@ def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None
   Raises:
     ValueError: an override names an unknown key (the error lists the nearest valid keys).
   """
-  from absl import flags
-  from ml_collections import config_flags
   argv = list(argv)
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", None, "experiments/configs/<system>.py[:preset]", flag_values=fv,
-      lock_config=True, sys_argv=argv)
-  fv.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
-  if define is not None:
-    define(fv)
-  try:
-    fv(argv)
-  except flags.UnrecognizedFlagError as e:
-    name = getattr(e, "flagname", "")
-    if name.startswith("config."):
-      valid = [n[len("config."):] for n in fv if n.startswith("config.")]
-      raise unknown_key_error(name[len("config."):], valid) from None
-    raise
+  plain_argv = [a for a in argv if not a.startswith("--config.")]
+  plain = _flag_values(plain_argv, define)
+  plain(plain_argv)
+  if plain.config is None:
+    raise ValueError("--config: expected experiments/configs/<system>.py[:preset]")
+  valid = config_keys(plain.config)
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in valid:
+        raise unknown_key_error(key, valid)
+  fv = _flag_values(argv, define)
+  fv(argv)
   if fv.config is None:
     raise ValueError("--config: expected experiments/configs/<system>.py[:preset]")
   return fv.config, fv

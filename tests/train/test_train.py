@@ -176,3 +176,21 @@ def test_logs_and_checkpoints_kept(two_runs):
   best = max(evals, key=lambda m: m["images_per_s"])["step"]
   kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert kept == sorted({4, best})
+
+
+def test_imports_without_optional_packages():
+  import subprocess
+  import sys
+  code = ("import sys\n"
+          "for m in ('ml_collections', 'tensorboardX', 'tqdm', 'tensorflow_datasets', "
+          "'pycocotools', 'absl'):\n  sys.modules[m] = None\n"
+          "import jaxdet.train, jaxdet.train.loop, jaxdet.train.checkpoint\n"
+          "w = jaxdet.train.writers.MetricWriter(sys.argv[1])\n"
+          "w.write(1, {'loss': 1.0})\n"
+          "p = jaxdet.train.writers.Progress(2)\np.update(1, 0.5, 10.0)\n")
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code, d], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 1/2 loss 0.5000" in proc.stderr
