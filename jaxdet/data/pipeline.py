@@ -5,8 +5,8 @@ Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dic
 
   name:         "synthetic" | "synthetic_single" | "voc2007" | "voc2012" | "coco2017" |
                 "examples" (user examples passed to make_source / make_loader).
-  data_dir:     tfds data folder for VOC/COCO (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
-  num_train:    examples in the train split (synthetic: its size; tfds: the first n, None = all).
+  data_dir:     tfds data folder for VOC/COCO ("": $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  num_train:    examples in the train split (synthetic: its size; tfds: the first n, 0 = all).
   num_test:     examples in the test split (same meaning).
   image_size:   (H, W) of synthetic images; also the bucket of resize mode "none".
   min_objects:  synthetic: fewest objects per image.
@@ -17,9 +17,9 @@ Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dic
   resize:       mode: "none" (keep pixels) | "shorter_side" (Fast/Faster R-CNN: shorter side
                   S, longer at most max_size) | "square" (YOLO: square_size x square_size);
                 min_sizes: the S values; training draws one per image (multi-scale);
-                test_min_size: S at evaluation (None: min_sizes[0]);
+                test_min_size: S at evaluation (0: min_sizes[0]);
                 max_size: the longer-side cap; square_size: the square side.
-  buckets:      list of (H, W) batch shapes (None: derived from resize, see
+  buckets:      list of (H, W) batch shapes (empty: derived from resize, see
                 transforms.default_buckets); each batch is zero padded to the smallest
                 bucket that fits all its images, so a jitted step compiles once per bucket.
   augment:      hflip: bool (p = 0.5); scale_translate: max fraction (YOLO: 0.2; 0 = off);
@@ -49,11 +49,22 @@ from jaxdet.data import batching, synthetic, transforms
 SOURCE_NAMES = ("synthetic", "synthetic_single", "voc2007", "voc2012", "coco2017", "examples")
 
 
-def default_data_config() -> dict[str, Any]:
-  """The synthetic default: 128x128 images, up to 4 objects, max_boxes 8, hflip."""
-  return {
-      "name": "synthetic",
-      "data_dir": None,
+def default_data_config(name: str = "synthetic") -> dict[str, Any]:
+  """A plain nested dict with every data config key (no None values, so that command-line
+  overrides of ml_collections configs keep working).
+
+  "synthetic" (the default): 128x128 images, 0-4 objects, max_boxes 8, hflip.
+  "synthetic_single": the same with exactly one larger object per image.
+  "voc2007" / "voc2012" / "coco2017": all examples (num_train = num_test = 0), Fast R-CNN's
+  resize (shorter side 600, longer at most 1000), hflip, max_boxes 64 (VOC, at most 42 objects
+  per image) or 100 (COCO, with box_policy "keep_largest").
+  "examples": like "synthetic", for user examples of `image_size`.
+  """
+  if name not in SOURCE_NAMES:
+    raise ValueError(f"name: expected one of {SOURCE_NAMES}, got {name!r}")
+  cfg = {
+      "name": name,
+      "data_dir": "",
       "num_train": 2048,
       "num_test": 256,
       "image_size": (128, 128),
@@ -61,14 +72,19 @@ def default_data_config() -> dict[str, Any]:
       "max_objects": 4,
       "max_boxes": 8,
       "box_policy": "error",
-      "resize": {"mode": "none", "min_sizes": (600,), "test_min_size": None,
+      "resize": {"mode": "none", "min_sizes": (600,), "test_min_size": 0,
                  "max_size": 1000, "square_size": 448},
-      "buckets": None,
+      "buckets": (),
       "augment": {"hflip": True, "scale_translate": 0.0, "hsv": 1.0},
       "prefetch": 2,
       "num_workers": 2,
       "seed": 0,
   }
+  if name in ("voc2007", "voc2012", "coco2017"):
+    cfg.update(num_train=0, num_test=0, max_boxes=100 if name == "coco2017" else 64,
+               box_policy="keep_largest" if name == "coco2017" else "error")
+    cfg["resize"]["mode"] = "shorter_side"
+  return cfg
 
 
 # ----------------------------------------------------------------------------- sources
@@ -183,16 +199,19 @@ def make_source(data_config: Mapping[str, Any], split: str, *,
   name = data_config["name"]
   num = data_config.get("num_train" if split == "train" else "num_test")
   if name in ("synthetic", "synthetic_single"):
+    if not num:
+      raise ValueError(f"num_train / num_test: the synthetic dataset needs a positive size, "
+                       f"got {num!r}")
     src = synthetic.SyntheticDetection(
-        2048 if num is None else int(num), image_size=tuple(data_config["image_size"]),
+        int(num), image_size=tuple(data_config["image_size"]),
         min_objects=int(data_config.get("min_objects", 0)),
         max_objects=int(data_config.get("max_objects", 4)),
         seed=int(data_config.get("seed", 0)), split=split,
         single_object=(name == "synthetic_single"))
   elif name in ("voc2007", "voc2012", "coco2017"):
     from jaxdet.data import tfds as tfds_lib   # tfds itself is imported lazily in there
-    src = tfds_lib.TfdsDetection(name, split, data_dir=data_config.get("data_dir"),
-                                 num_examples=num)
+    src = tfds_lib.TfdsDetection(name, split, data_dir=data_config.get("data_dir") or None,
+                                 num_examples=int(num) if num else None)
   elif name == "examples":
     if examples is None or class_names is None:
       raise ValueError("examples: data config name 'examples' needs the list of examples and "

@@ -186,3 +186,19 @@ def test_shorter_side_buckets(rng):
   assert b["image"].shape[1:3] == (32, 48)    # the smallest bucket holding 32 x 48
   assert b["image_size"].tolist() == [[24, 32], [32, 24], [16, 48], [24, 24]]
   np.testing.assert_allclose(b["scale"], [0.8, 0.8, 0.8, 2 / 3], rtol=1e-6)
+
+
+def test_default_configs_share_keys():
+  base = pipeline.default_data_config()
+  assert base["image_size"] == (128, 128) and base["max_objects"] == 4
+  assert base["max_boxes"] == 8
+  for name in ("synthetic_single", "voc2007", "voc2012", "coco2017", "examples"):
+    cfg = pipeline.default_data_config(name)
+    assert cfg.keys() == base.keys() and cfg["resize"].keys() == base["resize"].keys()
+    assert all(v is not None for v in cfg.values())
+  assert pipeline.default_data_config("voc2007")["num_train"] == 0       # all of VOC
+  with pytest.raises(ValueError, match="name"):
+    pipeline.default_data_config("imagenet")
+  single = next(pipeline.make_loader(_cfg(name="synthetic_single", prefetch=0), "train",
+                                     batch_size=2, seed=0, train=True))
+  assert single["box_mask"].sum(1).tolist() == [1, 1]
