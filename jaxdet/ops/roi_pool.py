@@ -112,17 +112,17 @@ def _pool_bins(start: jax.Array, end: jax.Array, pooled: int, size: int):
 
 
 def _sparse_table(features: jax.Array) -> jax.Array:
-  """Block maxima: table[k, l, h, w] = max f[h : h + 2^k, w : w + 2^l] (edge-padded).
+  """Block maxima: table[l, k, h, w] = max f[h : h + 2^k, w : w + 2^l] (edge-padded).
 
   Args:
     features: [H, W, C].
   Returns:
-    [Lh, Lw, H, W, C] with Lh = floor(log2 H) + 1, Lw = floor(log2 W) + 1.
+    [Lw, Lh, H, W, C] with Lh = floor(log2 H) + 1, Lw = floor(log2 W) + 1.
   """
   def levels(x, axis):
     n = x.shape[axis]
     out = [x]
-    for k in range(1, int(np.log2(n)) + 1):
+    for k in range(1, n.bit_length()):
       s = 1 << (k - 1)
       prev = out[-1]
       tail = lax.slice_in_dim(prev, n - 1, n, axis=axis)
