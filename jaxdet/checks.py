@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -23,6 +24,13 @@ def _describe(x: Any) -> str:
   if shape is None:
     return f"{type(x).__name__} {x!r}"[:120]
   return f"array of shape {tuple(shape)} and dtype {dtype}"
+
+
+def _dtype_kind(dtype: Any) -> str:
+  """NumPy's dtype kind, with bfloat16 and the other ml_dtypes floats counted as "f"."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "f"
+  return np.dtype(dtype).kind
 
 
 def check_array(name: str, x: Any, *, ndim: int | Sequence[int] | None = None,
@@ -50,7 +58,7 @@ def check_array(name: str, x: Any, *, ndim: int | Sequence[int] | None = None,
       raise ValueError(f"{name}: expected rank {want}, got {_describe(x)}")
   if last_dim is not None and (x.ndim == 0 or x.shape[-1] != last_dim):
     raise ValueError(f"{name}: expected last dimension {last_dim}, got {_describe(x)}")
-  if dtype_kind is not None and np.dtype(x.dtype).kind not in dtype_kind:
+  if dtype_kind is not None and _dtype_kind(x.dtype) not in dtype_kind:
     kinds = {"f": "floating", "i": "signed integer", "u": "unsigned integer", "b": "bool"}
     want = " or ".join(kinds.get(k, k) for k in dtype_kind)
     raise TypeError(f"{name}: expected a {want} dtype, got {_describe(x)}")

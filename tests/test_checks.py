@@ -36,3 +36,10 @@ def test_check_mask_and_positive():
     checks.check_mask("mask", np.zeros((3,), bool), "boxes", (4,))
   with pytest.raises(ValueError, match="output_size: expected values > 0"):
     checks.check_positive("output_size", (7, 0))
+
+
+def test_check_boxes_accepts_bfloat16():
+  import jax.numpy as jnp
+  checks.check_boxes("boxes", jnp.zeros((3, 4), jnp.bfloat16))
+  with pytest.raises(TypeError, match="floating"):
+    checks.check_array("labels", jnp.zeros((3,), jnp.bfloat16), dtype_kind="iu")
