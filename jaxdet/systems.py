@@ -12,6 +12,10 @@ from jaxdet.system import System
 
 # name -> "module:function"; the function takes the experiment config and returns a System.
 SYSTEMS: dict[str, str] = {
+    "localization": "jaxdet.models.localization:build_system",
+    "overfeat": "jaxdet.models.overfeat:build_system",
+    "windows": "jaxdet.models.windows:build_system",
+    "classify": "jaxdet.models.classify:build_system",
 }
 
 

@@ -1,0 +1,50 @@
+r"""Localization as regression: class head + box head (L2) on one backbone, single objects.
+
+    python -m experiments.train --config experiments/configs/localization.py:cpu --workdir /tmp/loc
+    python -m experiments.evaluate --config experiments/configs/localization.py:cpu --workdir /tmp/loc
+
+Variants (overrides): --config.model.box_head_at=conv (box head after the last conv layer),
+--config.model.per_class=True (one box per class), --config.model.num_slots=K with
+--config.data.name=synthetic --config.data.min_objects=K --config.data.max_objects=K
+(K boxes per image), --config.model.targets=points (K keypoints: the object centres).
+Reported: accuracy and the ILSVRC localization criterion (right class, IoU >= 0.5), besides
+VOC07 mAP of the one detection per image.
+"""
+
+from experiments.configs import common
+
+
+def get_config(preset: str = "cpu"):
+  config = common.base_config(preset)
+  config.system = "localization"
+  if preset == "cpu":
+    config.model = {
+        "backbone": "tiny",
+        "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
+                        "roi_size": 4, "dropout_rate": 0.3},
+        "num_slots": 1, "targets": "boxes", "per_class": False, "box_head_at": "fc",
+        "box_fc_features": (256,), "box_weight": 10.0,
+    }
+    config.data.name = "synthetic_single"
+    config.data.image_size = (64, 64)
+    config.data.max_boxes = 4
+    config.train.num_steps = 1500
+    config.train.batch_size = 32
+    config.eval.every_steps = 500
+    config.checkpoint.every_steps = 500
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = "cosine"
+  else:
+    # ILSVRC-style: VGG16, 224 x 224 inputs, one box per class after the last fc layer.
+    config.model = {
+        "backbone": "vgg16", "backbone_kw": {},
+        "num_slots": 1, "targets": "boxes", "per_class": True, "box_head_at": "fc",
+        "box_fc_features": (4096,), "box_weight": 10.0,
+    }
+    config.data.resize.mode = "square"
+    config.data.resize.square_size = 224
+    config.optimizer.learning_rate = 0.001
+    config.optimizer.decay_steps = (30_000,)
+  return common.finalize(config)

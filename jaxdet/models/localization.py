@@ -1,0 +1,300 @@
+"""Localization as regression: a class head and a box (or point) head on one backbone.
+
+The network (`LocalizationNet`) predicts, for each of K slots (K = 1: classification plus
+localization of the one object; K > 1: "multiple objects, fixed count"), class logits over C
+classes and coordinates normalised by the image size:
+
+  * targets "boxes": (x1 / W, y1 / H, x2 / W, y2 / H), trained with an L2 loss;
+  * targets "points": K keypoints (x / W, y / H) (as in pose estimation); with the synthetic
+    data the keypoints are the objects' box centres.
+
+The coordinate head attaches after the last conv layer (its own fc layers on the pooled conv
+features, `box_head_at="conv"`) or after the last fc layer (sharing the classifier's fc
+features, `box_head_at="fc"`), and predicts one set of coordinates per class (`per_class`) or
+one shared set. Slot k's ground truth is the k-th real object in the order of box centres (x,
+then y), padding slots are masked out of the loss.
+
+Evaluation: `predict` returns K detections per image (slot k's box of its argmax class, scored
+by the class probability); `localization_metrics` (also `System.extras["eval_metrics"]`)
+computes classification accuracy and the ILSVRC localization criterion (right class and
+IoU >= 0.5) on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdet import checks, losses
+from jaxdet.models import backbones
+from jaxdet.ops.boxes import clip_boxes
+from jaxdet.system import System
+
+Array = jax.Array
+
+TARGETS = {"boxes": 4, "points": 2}
+
+
+class LocalizationNet(nn.Module):
+  """Backbone + class head + coordinate head for K slots.
+
+  images f[B, H, W, 3] -> (logits f32[B, K, C], coords f32[B, K, G, D]) with G = C (per_class)
+  or 1, D = 4 (boxes) or 2 (points), coordinates as fractions of the image size.
+  Parameters {"conv", "fc", "cls_head", "box_head"} (+ "box_fc" when box_head_at="conv"), so
+  conv and fc load from a `backbones.Classifier` checkpoint of the same backbone.
+  """
+  conv: nn.Module
+  fc: nn.Module
+  num_classes: int
+  roi_size: int
+  num_slots: int = 1
+  coord_dim: int = 4
+  per_class: bool = False
+  box_head_at: str = "fc"
+  box_fc_features: Sequence[int] = (256,)
+  pool5: tuple[int, int, int] | None = None
+  dense_fc: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
+    f = self.conv(x, train=train)
+    if self.pool5 is not None:
+      f = backbones.max_pool(f, *self.pool5)
+    if self.dense_fc:
+      f = backbones.adaptive_avg_pool(f, self.roi_size)
+    h = self.fc(f, train=train)
+    k, c = self.num_slots, self.num_classes
+    logits = nn.Dense(k * c, dtype=self.dtype, name="cls_head")(h)
+    if self.box_head_at == "fc":
+      hb = h
+    elif self.box_head_at == "conv":
+      if self.dense_fc:
+        fb = f
+      else:   # ResNet: conv features at any size; pool to roi_size for the Dense layers
+        fb = backbones.adaptive_avg_pool(f, self.roi_size)
+      hb = backbones.DenseHead(tuple(self.box_fc_features), self.roi_size, dropout_rate=0.0,
+                               dtype=self.dtype, name="box_fc")(fb, train=train)
+    else:
+      raise ValueError(f"box_head_at: expected 'fc' or 'conv', got {self.box_head_at!r}")
+    g = c if self.per_class else 1
+    coords = nn.Dense(k * g * self.coord_dim, dtype=self.dtype, name="box_head")(hb)
+    b = x.shape[0]
+    return (logits.astype(jnp.float32).reshape(b, k, c),
+            coords.astype(jnp.float32).reshape(b, k, g, self.coord_dim))
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def slot_targets(boxes: Array, labels: Array, mask: Array, image_size: Array, *,
+                 num_slots: int, targets: str = "boxes") -> dict[str, Array]:
+  """The K slot targets of one image: real objects ordered by box centre (x, then y).
+
+  Args:
+    boxes: f32[M, 4] (x1, y1, x2, y2) pixels; labels: i32[M]; mask: bool[M] True = real.
+    image_size: i32[2] (height, width).
+    num_slots: K (static); objects beyond the K-th are dropped, missing ones masked.
+    targets: "boxes" (D = 4) or "points" (the box centres, D = 2).
+  Returns:
+    {"coords": f32[K, D] fractions of the image size, "labels": i32[K], "mask": bool[K]}.
+  """
+  checks.check_boxes("boxes", boxes)
+  checks.check_mask("mask", mask, "boxes", boxes.shape[:1])
+  if targets not in TARGETS:
+    raise ValueError(f"targets: expected one of {sorted(TARGETS)}, got {targets!r}")
+  m = boxes.shape[0]
+  b = boxes.astype(jnp.float32)
+  h = image_size[0].astype(jnp.float32)
+  w = image_size[1].astype(jnp.float32)
+  cx, cy = 0.5 * (b[:, 0] + b[:, 2]), 0.5 * (b[:, 1] + b[:, 3])
+  order = jnp.lexsort((cy, cx, ~mask))            # real first, then by centre x, then y
+  if num_slots > m:
+    order = jnp.concatenate([order, jnp.zeros((num_slots - m,), order.dtype)])
+  order = order[:num_slots]
+  slot_mask = mask[order] & (jnp.arange(num_slots) < m)
+  scale = jnp.stack([w, h, w, h])
+  if targets == "boxes":
+    coords = b[order] / scale
+  else:
+    coords = jnp.stack([cx[order] / w, cy[order] / h], axis=-1)
+  coords = jnp.where(slot_mask[:, None], coords, 0.0)
+  return {"coords": coords, "labels": jnp.where(slot_mask, labels[order], 0).astype(jnp.int32),
+          "mask": slot_mask}
+
+
+def localization_loss(logits: Array, coords: Array, targets: Mapping[str, Array], *,
+                      box_weight: float = 1.0) -> tuple[Array, dict[str, Array]]:
+  """Softmax CE on the slot classes + box_weight * L2 on the coordinates (of the true class).
+
+  Args:
+    logits: f32[B, K, C]; coords: f32[B, K, G, D] (G = C per class, or 1).
+    targets: `slot_targets` batched: coords f32[B, K, D], labels i32[B, K], mask bool[B, K].
+    box_weight: weight of the coordinate loss.
+  Returns:
+    (loss f32[], {"loss/class", "loss/box", "accuracy"}); the L2 term is the squared error
+    summed over the D coordinates, averaged over real slots.
+  """
+  checks.check_array("logits", logits, ndim=3, dtype_kind="f")
+  checks.check_array("coords", coords, ndim=4, dtype_kind="f")
+  mask, labels = targets["mask"], targets["labels"]
+  ce = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
+  group = labels if coords.shape[2] > 1 else jnp.zeros_like(labels)
+  pred = jnp.take_along_axis(coords, group[..., None, None], axis=2)[:, :, 0]   # [B, K, D]
+  l2 = jnp.sum(losses.l2(pred, targets["coords"], mask[..., None]), axis=-1)
+  box = losses.masked_mean(l2, mask)
+  acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
+  return ce + box_weight * box, {"loss/class": ce, "loss/box": box, "accuracy": acc}
+
+
+def decode_slots(logits: Array, coords: Array, image_size: Array, *,
+                 targets: str = "boxes") -> dict[str, Array]:
+  """One image's K slots -> detections: argmax class, its probability and its box in pixels.
+
+  Args:
+    logits: f32[K, C]; coords: f32[K, G, D]; image_size: i32[2].
+  Returns:
+    boxes f32[K, 4] (points give zero-size boxes at the point), scores f32[K], labels i32[K],
+    valid bool[K] (all True).
+  """
+  probs = jax.nn.softmax(logits, -1)
+  labels = jnp.argmax(probs, -1).astype(jnp.int32)
+  scores = jnp.max(probs, -1)
+  group = labels if coords.shape[1] > 1 else jnp.zeros_like(labels)
+  c = jnp.take_along_axis(coords, group[:, None, None], axis=1)[:, 0]         # [K, D]
+  h = image_size[0].astype(jnp.float32)
+  w = image_size[1].astype(jnp.float32)
+  if targets == "points":
+    c = jnp.concatenate([c, c], -1)
+  boxes = c * jnp.stack([w, h, w, h])
+  x1y1 = jnp.minimum(boxes[:, :2], boxes[:, 2:])
+  x2y2 = jnp.maximum(boxes[:, :2], boxes[:, 2:])
+  boxes = clip_boxes(jnp.concatenate([x1y1, x2y2], -1), h, w)
+  return {"boxes": boxes, "scores": scores, "labels": labels,
+          "valid": jnp.ones(labels.shape, bool)}
+
+
+# ----------------------------------------------------------------------------- host metrics
+
+
+def _iou_f64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Aligned IoU of f64[N, 4] boxes (no +1)."""
+  lt = np.maximum(a[:, :2], b[:, :2])
+  rb = np.minimum(a[:, 2:], b[:, 2:])
+  inter = np.prod(np.maximum(rb - lt, 0.0), axis=1)
+  area = lambda x: np.prod(np.maximum(x[:, 2:] - x[:, :2], 0.0), axis=1)
+  union = area(a) + area(b) - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _slot_order(boxes: np.ndarray) -> np.ndarray:
+  cx = 0.5 * (boxes[:, 0] + boxes[:, 2])
+  cy = 0.5 * (boxes[:, 1] + boxes[:, 3])
+  return np.lexsort((cy, cx))
+
+
+def localization_metrics(gts: Sequence[Mapping[str, Any]], dets: Sequence[Mapping[str, Any]],
+                         *, iou_threshold: float = 0.5) -> dict[str, float]:
+  """Classification accuracy and the ILSVRC localization criterion of slot predictions.
+
+  Slot k of an image (detection k, in slot order) is compared with the image's k-th real object
+  in centre order (x, then y); slots without an object are not scored.
+
+  Args:
+    gts: per-image {"boxes": f32[n, 4], "labels": i32[n]} (jaxdet.eval.detections format).
+    dets: per-image {"boxes": f32[K, 4], "labels": i32[K], ...} in slot order.
+    iou_threshold: the localization criterion's IoU (ILSVRC: 0.5).
+  Returns:
+    {"accuracy": right class, "loc_accuracy": right class and IoU >= iou_threshold,
+     "mean_iou": of the box with the ground truth, "loc_error": 1 - loc_accuracy}, fractions
+    of the scored slots (0 when none).
+  """
+  if len(gts) != len(dets):
+    raise ValueError(f"dets: expected {len(gts)} images to match gts, got {len(dets)}")
+  right, loc, ious = [], [], []
+  for g, d in zip(gts, dets):
+    gb = np.asarray(g["boxes"], np.float64).reshape(-1, 4)
+    gl = np.asarray(g["labels"]).reshape(-1)
+    order = _slot_order(gb)
+    db = np.asarray(d["boxes"], np.float64).reshape(-1, 4)
+    dl = np.asarray(d["labels"]).reshape(-1)
+    n = min(len(order), len(dl))
+    gb, gl = gb[order[:n]], gl[order[:n]]
+    iou = _iou_f64(db[:n], gb)
+    ok = dl[:n] == gl
+    right += list(ok)
+    loc += list(ok & (iou >= iou_threshold))
+    ious += list(iou)
+  count = max(len(right), 1)
+  acc, locacc = float(np.sum(right)) / count, float(np.sum(loc)) / count
+  return {"accuracy": acc, "loc_accuracy": locacc, "loc_error": 1.0 - locacc,
+          "mean_iou": float(np.sum(ious)) / count}
+
+
+# ----------------------------------------------------------------------------- system
+
+
+MODEL_DEFAULTS: dict[str, Any] = {
+    "backbone": "tiny",
+    "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
+                    "roi_size": 4, "dropout_rate": 0.3},
+    "num_slots": 1,            # K
+    "targets": "boxes",        # "boxes" | "points"
+    "per_class": False,        # one box per class, or one shared box
+    "box_head_at": "fc",       # "fc" | "conv"
+    "box_fc_features": (256,),  # the conv-attached head's own fc layers
+    "box_weight": 10.0,        # coordinates are fractions of the image: squared errors ~ 0.01
+}
+
+
+def build_system(config: Any) -> System:
+  """The "localization" System from an experiment config (keys: MODEL_DEFAULTS)."""
+  model = config["model"] if "model" in config else {}
+  model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - {"num_classes"})
+  if unknown:
+    raise ValueError(f"config.model: unknown keys {unknown}; known: {sorted(MODEL_DEFAULTS)}")
+  m = {**MODEL_DEFAULTS, **model}
+  if m["targets"] not in TARGETS:
+    raise ValueError(f"config.model.targets: expected one of {sorted(TARGETS)}, "
+                     f"got {m['targets']!r}")
+  c = int(config["num_classes"])
+  dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+  parts = backbones.get_backbone(m["backbone"], dtype=dtype, **dict(m["backbone_kw"]))
+  k = int(m["num_slots"])
+  net = LocalizationNet(parts.conv.clone(), parts.fc.clone(), c, parts.roi_size, k,
+                        TARGETS[m["targets"]], bool(m["per_class"]), str(m["box_head_at"]),
+                        tuple(m["box_fc_features"]), parts.pool5, parts.dense_fc, dtype=dtype)
+  has_bn = not parts.dense_fc
+  mutable = ["batch_stats"] if has_bn else False
+
+  @jax.jit
+  def init(rng, batch):
+    x = backbones.normalize_images(batch["image"], dtype)
+    return dict(net.init({"params": rng}, x, train=False))
+
+  def targets_of(batch):
+    return jax.vmap(lambda b, l, mk, s: slot_targets(b, l, mk, s, num_slots=k,
+                                                     targets=m["targets"]))(
+        batch["boxes"], batch["labels"], batch["box_mask"], batch["image_size"])
+
+  def loss(variables, batch, rng):
+    x = backbones.normalize_images(batch["image"], dtype)
+    out = net.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+    (logits, coords), new_state = out if mutable else (out, {})
+    value, metrics = localization_loss(logits, coords, targets_of(batch),
+                                       box_weight=float(m["box_weight"]))
+    return value, metrics, dict(new_state)
+
+  def predict(variables, batch):
+    x = backbones.normalize_images(batch["image"], dtype)
+    logits, coords = net.apply(variables, x, train=False)
+    return jax.vmap(lambda lg, cd, s: decode_slots(lg, cd, s, targets=m["targets"]))(
+        logits, coords, batch["image_size"])
+
+  return System(name="localization", num_classes=c, init=init, loss=loss, predict=predict,
+                extras={"network": net, "eval_metrics": localization_metrics})
