@@ -41,5 +41,5 @@ def test_check_mask_and_positive():
 def test_check_boxes_accepts_bfloat16():
   import jax.numpy as jnp
   checks.check_boxes("boxes", jnp.zeros((3, 4), jnp.bfloat16))
-  with pytest.raises(TypeError, match="floating"):
+  with pytest.raises(TypeError, match="integer dtype, got .*bfloat16"):
     checks.check_array("labels", jnp.zeros((3,), jnp.bfloat16), dtype_kind="iu")
