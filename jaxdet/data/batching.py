@@ -12,6 +12,9 @@ A batch is a dict of NumPy arrays with a leading batch axis B (keys as in `jaxde
   scale:        f32[B] resize factor from the original image (new = scale * original)
   orig_size:    i32[B, 2] (height, width) of the original image; boxes map back to it exactly
                 with the per-axis factors orig_size / (image_size of the resized image)
+  proposals:    f32[B, P, 4] (only when the examples carry "proposals") region proposals,
+                pixels of the resized image, zeros where padded
+  proposal_mask: bool[B, P] (with proposals) True = real proposal
 """
 
 from __future__ import annotations
@@ -129,4 +132,18 @@ def collate(examples: Sequence[Mapping[str, Any]], max_boxes: int, *, policy: st
     (batch["boxes"][i], batch["labels"][i], batch["box_mask"][i],
      batch["difficult"][i]) = pad_boxes(ex["boxes"], ex["labels"], max_boxes, policy=policy,
                                         example_id=eid, difficult=ex.get("difficult"))
+  with_props = [ex for ex in examples if ex.get("proposals") is not None]
+  if with_props:   # a fixed capacity P; examples without proposals (batch padding) get none
+    p = np.asarray(with_props[0]["proposals"]).reshape(-1, 4).shape[0]
+    batch["proposals"] = np.zeros((b, p, 4), np.float32)
+    batch["proposal_mask"] = np.zeros((b, p), bool)
+    for i, ex in enumerate(examples):
+      if ex.get("proposals") is None:
+        continue
+      props = np.asarray(ex["proposals"], np.float32).reshape(-1, 4)
+      if len(props) != p:
+        raise ValueError(f"proposals (example {ex.get('image_id')}): expected the batch's "
+                         f"capacity of {p} (padded) proposals, got {len(props)}")
+      batch["proposals"][i] = props
+      batch["proposal_mask"][i] = np.asarray(ex.get("proposal_mask", np.ones(p, bool)), bool)
   return batch

@@ -26,6 +26,10 @@ Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dic
                 hsv: max exposure/saturation factor (YOLO: 1.5; 1 = off). Training only.
   prefetch:     batches prepared ahead by the background thread (0 = no thread).
   num_workers:  threads that decode and augment the examples of a batch in parallel.
+  proposals:    (optional) precomputed region proposals attached to every example (R-CNN,
+                Fast R-CNN): max_proposals (P; 0 = none), mode ("fast" | "quality"),
+                cache_root, num_workers; see attach_proposals. Batches then carry
+                "proposals" f32[B, P, 4] and "proposal_mask" bool[B, P].
   seed:         seed of the synthetic images (the Loader's order and augmentation seed is the
                 `seed` argument of make_loader).
 
@@ -120,6 +124,70 @@ class ValidatedSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return validate_example(self._source[index], self.num_classes, index=index)
+
+
+class ProposalSource:
+  """Wraps a source; attaches each example's precomputed region proposals.
+
+  `[i]` adds "proposals" f32[P, 4] (x1, y1, x2, y2) pixels of the example's original image,
+  clipped to it, zeros where padded, and "proposal_mask" bool[P]; the transforms then move
+  them with the image exactly like "boxes", and batching stacks them (see jaxdet.data.batching).
+  Used by R-CNN and Fast R-CNN (selective search, jaxdet.proposals).
+
+  Args:
+    source: a random-access source (e.g. ValidatedSource).
+    proposals: f32[N, P, 4], row i for example i of `source`.
+    mask: bool[N, P] True = real proposal.
+  """
+
+  def __init__(self, source, proposals: np.ndarray, mask: np.ndarray):
+    proposals, mask = np.asarray(proposals, np.float32), np.asarray(mask, bool)
+    checks.check_array("proposals", proposals, ndim=3, last_dim=4)
+    checks.check_mask("mask", mask, "proposals", proposals.shape[:2])
+    if len(proposals) != len(source):
+      raise ValueError(f"proposals: expected one row per example of the source "
+                       f"({len(source)}), got shape {proposals.shape}")
+    self._source, self._proposals, self._mask = source, proposals, mask
+    self.class_names = tuple(source.class_names)
+    self.num_classes = len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ex = dict(self._source[index])
+    h, w = np.asarray(ex["image"]).shape[:2]
+    props, mask = self._proposals[index], self._mask[index]
+    if not np.all(np.isfinite(props[mask])):
+      raise ValueError(f"proposals (example {ex.get('image_id', index)}): not finite")
+    props = np.clip(props, 0.0, np.float32([w, h, w, h]))
+    ex["proposals"] = np.where(mask[:, None], props, 0.0).astype(np.float32)
+    ex["proposal_mask"] = mask.copy()
+    return ex
+
+
+def attach_proposals(source, data_config: Mapping[str, Any], split: str) -> ProposalSource:
+  """`source` with the selective search proposals of `data_config["proposals"]` attached.
+
+  The section's keys: max_proposals (P, the capacity), mode ("fast" | "quality"), cache_root
+  (folder of the on-disk caches; "" = ~/.cache/jaxdet/proposals), num_workers (processes that
+  compute a missing cache; 0 = all cores). The cache of (dataset, split, mode, size) is
+  computed once (resumable) and reused; see jaxdet.proposals.selective_search.
+  """
+  import os
+  from jaxdet.proposals import selective_search
+  cfg = data_config["proposals"]
+  root = cfg.get("cache_root") or os.path.join(os.path.expanduser("~"), ".cache", "jaxdet",
+                                               "proposals")
+  dataset = str(data_config["name"])
+  if dataset.startswith("synthetic"):   # the images depend on these keys too
+    h, w = (int(x) for x in data_config["image_size"])
+    dataset += (f"_{h}x{w}_seed{int(data_config.get('seed', 0))}_objects"
+                f"{int(data_config.get('min_objects', 0))}-{int(data_config.get('max_objects', 4))}")
+  boxes, mask = selective_search.proposals_for(
+      source, root, dataset, split, mode=str(cfg.get("mode", "fast")),
+      max_proposals=int(cfg["max_proposals"]), num_workers=int(cfg.get("num_workers", 0)) or None)
+  return ProposalSource(source, boxes, mask)
 
 
 def validate_example(example: Mapping[str, Any], num_classes: int, *, index: int | None = None
@@ -219,7 +287,11 @@ def make_source(data_config: Mapping[str, Any], split: str, *,
     src = ListSource(examples, class_names)
   else:
     raise ValueError(f"name: expected one of {SOURCE_NAMES}, got {name!r}")
-  return ValidatedSource(src)
+  source = ValidatedSource(src)
+  props = data_config.get("proposals")
+  if props and int(props.get("max_proposals", 0) or 0) > 0:
+    return attach_proposals(source, data_config, split)
+  return source
 
 
 # ----------------------------------------------------------------------------- loader

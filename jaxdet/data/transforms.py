@@ -1,7 +1,10 @@
 """Resizing and augmentation that move boxes with the pixels, on one example at a time (NumPy).
 
 An example is a dict with "image" u8[h, w, 3] (real pixels only, no padding), "boxes" f32[N, 4]
-(x1, y1, x2, y2) pixels, "labels" i32[N], optionally "difficult" bool[N], plus bookkeeping that
+(x1, y1, x2, y2) pixels, "labels" i32[N], optionally "difficult" bool[N], optionally region
+proposals "proposals" f32[P, 4] with "proposal_mask" bool[P] (moved exactly like "boxes"; a
+fixed capacity P, so proposals clipped to nothing are masked out rather than dropped), plus
+bookkeeping that
 the transforms keep up to date: "scale" (resize factor from the original image) and
 "orig_size" (height, width) of the original image. Transforms return a new dict and never
 modify their input.
@@ -38,6 +41,19 @@ def _filter_boxes(example: Example, keep: np.ndarray) -> Example:
   return out
 
 
+def _map_proposals(example: Mapping[str, Any], out: Example,
+                   fn: Callable[[np.ndarray], np.ndarray]) -> Example:
+  """Moves the optional "proposals" f32[P, 4] (padded, with "proposal_mask" bool[P]) by the same
+  box mapping `fn` as "boxes"; padded rows stay zero. Returns `out` (updated in place)."""
+  if example.get("proposals") is None:
+    return out
+  props = np.asarray(example["proposals"], np.float32).reshape(-1, 4)
+  mask = np.asarray(example.get("proposal_mask", np.ones(len(props), bool)), bool)
+  out["proposals"] = np.where(mask[:, None], fn(props), 0.0).astype(np.float32)
+  out["proposal_mask"] = mask
+  return out
+
+
 def shorter_side_size(height: int, width: int, min_size: int, max_size: int
                       ) -> tuple[int, int]:
   """(new_h, new_w) with the shorter side `min_size` unless the longer would exceed `max_size`.
@@ -60,7 +76,8 @@ def resize(example: Mapping[str, Any], size: Sequence[int]) -> Example:
   boxes = np.asarray(example["boxes"], np.float32) * np.float32([sx, sy, sx, sy])
   scale = float(example.get("scale", 1.0)) * math.sqrt(sx * sy)
   orig = example.get("orig_size", (h, w))
-  return _replace(example, image=resized, boxes=boxes, scale=scale, orig_size=tuple(orig))
+  out = _replace(example, image=resized, boxes=boxes, scale=scale, orig_size=tuple(orig))
+  return _map_proposals(example, out, lambda p: p * np.float32([sx, sy, sx, sy]))
 
 
 def resize_shorter_side(example: Mapping[str, Any], min_size: int, max_size: int) -> Example:
@@ -75,8 +92,10 @@ def hflip(example: Mapping[str, Any]) -> Example:
   w = image.shape[1]
   boxes = np.asarray(example["boxes"], np.float32)
   flipped = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
-  return _replace(example, image=np.ascontiguousarray(image[:, ::-1]),
-                  boxes=flipped.reshape(-1, 4))
+  out = _replace(example, image=np.ascontiguousarray(image[:, ::-1]),
+                 boxes=flipped.reshape(-1, 4))
+  return _map_proposals(example, out, lambda p: np.stack(
+      [w - p[:, 2], p[:, 1], w - p[:, 0], p[:, 3]], axis=1))
 
 
 def clip_and_drop(example: Mapping[str, Any], min_extent: float = 1.0) -> Example:
@@ -85,7 +104,14 @@ def clip_and_drop(example: Mapping[str, Any], min_extent: float = 1.0) -> Exampl
   boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
   boxes = np.clip(boxes, 0.0, np.float32([w, h, w, h]))
   keep = ((boxes[:, 2] - boxes[:, 0]) >= min_extent) & ((boxes[:, 3] - boxes[:, 1]) >= min_extent)
-  return _filter_boxes(_replace(example, boxes=boxes), keep)
+  out = _filter_boxes(_replace(example, boxes=boxes), keep)
+  if example.get("proposals") is not None:   # clipped; thinner ones are masked out, not dropped
+    out = _map_proposals(example, out, lambda p: np.clip(p, 0.0, np.float32([w, h, w, h])))
+    p = out["proposals"]
+    out["proposal_mask"] = out["proposal_mask"] & ((p[:, 2] - p[:, 0]) >= min_extent) & (
+        (p[:, 3] - p[:, 1]) >= min_extent)
+    out["proposals"] = np.where(out["proposal_mask"][:, None], p, 0.0).astype(np.float32)
+  return out
 
 
 def scale_translate(example: Mapping[str, Any], rng: np.random.Generator,
@@ -110,7 +136,8 @@ def scale_translate(example: Mapping[str, Any], rng: np.random.Generator,
   if y1 > y0 and x1 > x0:
     out[y0:y1, x0:x1] = src[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
   boxes = scaled["boxes"] + np.float32([tx, ty, tx, ty])
-  moved = _replace(scaled, image=out, boxes=boxes)
+  moved = _map_proposals(scaled, _replace(scaled, image=out, boxes=boxes),
+                         lambda p: p + np.float32([tx, ty, tx, ty]))
   moved["scale"] = example.get("scale", 1.0)   # a crop, not a resize of the whole image
   return clip_and_drop(moved)
 
