@@ -16,6 +16,7 @@ SYSTEMS: dict[str, str] = {
     "overfeat": "jaxdet.models.overfeat:build_system",
     "windows": "jaxdet.models.windows:build_system",
     "classify": "jaxdet.models.classify:build_system",
+    "fast_rcnn": "jaxdet.models.fast_rcnn:build_system",
 }
 
 

@@ -1,0 +1,79 @@
+r"""Fast R-CNN (Girshick 2015): one conv pass, RoI max pooling, softmax + smooth L1, end to end.
+
+    python -m experiments.train --config experiments/configs/fast_rcnn.py:cpu --workdir /tmp/frcn
+    python -m experiments.evaluate --config experiments/configs/fast_rcnn.py:cpu --workdir /tmp/frcn
+    python -m experiments.train --config experiments/configs/fast_rcnn.py:paper \
+        --workdir /tmp/frcn_voc --config.model.pretrained=/path/vgg16.pth
+
+Presets:
+  cpu:   the tiny backbone (stride 16, 4 x 4 RoI pooling, fc 256-256) on the synthetic shapes at
+         128 x 128, trained from scratch; proposals: a fixed multi-scale grid of boxes
+         (`model.proposals = "grid"`; "batch" reads selective-search proposals that the data
+         pipeline attaches to batches). Minutes on 2 CPU cores.
+  paper: VGG16 (conv1_1..conv2_2 frozen, as in the paper; ImageNet weights from a torchvision
+         file via `model.pretrained`), images rescaled to shorter side 600 (longer <= 1000),
+         horizontal flips, N = 2 images x 64 RoIs per minibatch, SGD lr 1e-3 (x 0.1 after 30k
+         of 40k iterations), momentum 0.9, weight decay 5e-4, bfloat16 compute; proposals
+         from the batch (selective search, up to 2000 per image). Truncated SVD ranks
+         (1024, 256) for fc6, fc7 (`System.extras["truncated_svd"]`).
+
+Loss swap without editing jaxdet: --config.model.loss.box_loss=l2 (or giou, or
+"package.module:function" with the signature of jaxdet.losses.box_delta_smooth_l1).
+Multi-scale testing: --config.model.test_scales="(0.75, 1.0, 1.25)" (paper: shorter sides
+480, 576, 688, 864, 1200 with ms_target_size 224).
+"""
+
+from experiments.configs import common
+
+
+def get_config(preset: str = "cpu"):
+  config = common.base_config(preset)
+  cpu = preset == "cpu"
+  config.system = "fast_rcnn"
+  config.model = {
+      "backbone": "tiny" if cpu else "vgg16",
+      "backbone_kw": ({"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
+                       "roi_size": 4} if cpu else {}),
+      "pretrained": "",
+      "frozen": () if cpu else ("conv1_1", "conv1_2", "conv2_1", "conv2_2"),
+      "dropout_rate": 0.5,
+      "proposals": "grid" if cpu else "batch",
+      "grid": {"scales": (24.0, 40.0, 64.0), "ratios": (0.5, 1.0, 2.0), "stride": 8},
+      "sampler": {"rois_per_image": 64, "fg_fraction": 0.25, "fg_iou": 0.5,
+                  "bg_iou_high": 0.5, "bg_iou_low": 0.1, "add_gt": True},
+      "box_stds": (0.1, 0.1, 0.2, 0.2),
+      "loss": {"box_loss": "smooth_l1", "box_weight": 1.0},
+      "svd_ranks": (128, 64) if cpu else (1024, 256),
+      "test_scales": (1.0,),
+      "ms_target_size": 64.0 if cpu else 224.0,
+      "predict": {"score_threshold": 0.01, "iou_threshold": 0.3, "max_detections": 100,
+                  "pre_nms_topk": 0},
+  }
+  if cpu:
+    config.train.batch_size = 8
+    config.train.num_steps = 2000
+    config.train.log_every = 100
+    config.eval.every_steps = 1000
+    config.checkpoint.every_steps = 1000
+    opt = config.optimizer
+    opt.name = "adam"
+    opt.learning_rate = 1e-3
+    opt.weight_decay = 1e-4
+    opt.schedule = "cosine"
+    opt.warmup_steps = 100
+  else:
+    config.data.resize.mode = "shorter_side"
+    config.data.resize.min_sizes = (600,)
+    config.data.resize.max_size = 1000
+    config.data.augment.hflip = True
+    config.train.batch_size = 2
+    config.train.num_steps = 40_000
+    opt = config.optimizer
+    opt.name = "sgd"
+    opt.learning_rate = 1e-3
+    opt.momentum = 0.9
+    opt.weight_decay = 5e-4
+    opt.schedule = "step"
+    opt.decay_steps = (30_000,)
+    opt.decay_factor = 0.1
+  return common.finalize(config)
