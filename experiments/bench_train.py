@@ -37,7 +37,7 @@ def bench(config: Any, steps: int, *, system: Any = None, make_loader: Any = Non
   host_batch = next(iter(loader))
   state, rng, _ = setup.init_state(config, system, host_batch)
   runner = loop.make_runner(system, str(config.train.get("parallel", "shard_map")))
-  state, batch = runner.put_state(state), runner.put_batch(host_batch)
+  state, batch, rng = runner.put_state(state), runner.put_batch(host_batch), runner.put_rng(rng)
   start = time.perf_counter()
   state, metrics = jax.block_until_ready(runner.step(state, batch, rng))
   compile_s = time.perf_counter() - start

@@ -8,6 +8,7 @@ same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ class Runner:
   step: Callable[[Any, Any, Any], tuple[Any, Any]]   # (state, batch, rng) -> (state, metrics)
   put_state: Callable[[Any], Any]
   put_batch: Callable[[Any], Any]
+  put_rng: Callable[[Any], Any]
   get_state: Callable[[Any], TrainState]              # back to one host-side copy
 
 
@@ -40,13 +42,12 @@ def make_runner(system: System, mode: str = "shard_map", *, donate: bool = True)
   train_step, _ = make_steps(system)
   if mode == "shard_map":
     mesh = parallel.data_mesh()
-    return Runner(parallel.shard_map_step(train_step, mesh, donate=donate),
-                  lambda s: parallel.replicate_on(s, mesh),
-                  lambda b: parallel.shard_batch(b, mesh), lambda s: s)
+    replicate = functools.partial(parallel.replicate_on, mesh=mesh)
+    return Runner(parallel.shard_map_step(train_step, mesh, donate=donate), replicate,
+                  lambda b: parallel.shard_batch(b, mesh), replicate, lambda s: s)
   if mode == "pmap":
-    step = parallel.pmap_step(train_step, donate=donate)
-    return Runner(lambda s, b, r: step(s, b, parallel.replicate(r)), parallel.replicate,
-                  parallel.split_for_pmap, parallel.unreplicate)
+    return Runner(parallel.pmap_step(train_step, donate=donate), parallel.put_replicated,
+                  parallel.split_for_pmap, parallel.put_replicated, parallel.unreplicate)
   raise ValueError(f"train.parallel: expected 'shard_map' or 'pmap', got {mode!r}")
 
 
@@ -127,12 +128,12 @@ def _run(config, system, runner, state, rng, loader, schedule, ckpt, writer, mak
   eval_every = int(config.eval.every_steps)
   ckpt_every = int(config.checkpoint.every_steps)
   progress = Progress(num_steps, start, enabled=leader)
-  device_state = runner.put_state(state)
+  device_state, device_rng = runner.put_state(state), runner.put_rng(rng)
   it = iter(loader)
   tick, tick_step = time.perf_counter(), start
   for step in range(start + 1, num_steps + 1):
     batch = runner.put_batch(next(it))
-    device_state, metrics = runner.step(device_state, batch, rng)
+    device_state, metrics = runner.step(device_state, batch, device_rng)
     if _due(step, log_every) or step == num_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.perf_counter()

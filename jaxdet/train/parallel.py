@@ -69,7 +69,7 @@ def pmap_step(step_fn: StepFn, *, donate: bool = True) -> StepFn:
 
   Returns:
     (state, batch, rng) -> (state, metrics) where state and rng carry a leading device axis
-    (`replicate`) and every batch leaf has shape [D, B / D, ...] (`split_for_pmap`).
+    (`put_replicated`) and every batch leaf has shape [D, B / D, ...] (`split_for_pmap`).
   """
   return jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS,
                   donate_argnums=(0,) if donate else ())
@@ -79,6 +79,11 @@ def replicate(tree: Any, num_devices: int | None = None) -> Any:
   """Adds a leading device axis of size D (default: local device count) for pmap."""
   d = jax.local_device_count() if num_devices is None else num_devices
   return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (d,) + x.shape), tree)
+
+
+def put_replicated(tree: Any) -> Any:
+  """`replicate`, placed on the local devices as pmap outputs are (no per-step transfer)."""
+  return jax.pmap(lambda x: x)(replicate(tree))
 
 
 def unreplicate(tree: Any) -> Any:

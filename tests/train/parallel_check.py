@@ -29,9 +29,9 @@ def run(mode: str | None, config, system, batches):
       state, _ = step(state, b, rng)
     return state.params
   runner = loop.make_runner(system, mode)
-  dstate = runner.put_state(state)
+  dstate, drng = runner.put_state(state), runner.put_rng(rng)
   for b in batches:
-    dstate, _ = runner.step(dstate, runner.put_batch(b), rng)
+    dstate, _ = runner.step(dstate, runner.put_batch(b), drng)
   return runner.get_state(dstate).params
 
 

@@ -123,9 +123,9 @@ def test_train_step_compiles_once_over_object_counts():
       compiles.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    dstate = runner.put_state(state)
+    dstate, drng = runner.put_state(state), runner.put_rng(rng)
     for b in batches:
-      dstate, metrics = runner.step(dstate, runner.put_batch(b), rng)
+      dstate, metrics = runner.step(dstate, runner.put_batch(b), drng)
       jax.block_until_ready(metrics)
     n_step = len(compiles)
   finally:
