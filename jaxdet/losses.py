@@ -449,12 +449,14 @@ def rpn_loss(logits: Array, deltas: Array, targets: dict[str, Array], mask: Arra
   checks.check_array("targets['box']", targets["box"], dtype_kind="f", shape=deltas.shape)
   checks.check_mask("mask", mask, "logits", logits.shape)
   checks.check_positive("box_weight", box_weight, allow_zero=True)
-  obj = targets["objectness"].astype(jnp.float32)
+  # Unsampled entries may hold anything (NaN included): zeroed before use, so that their
+  # gradients are 0, not 0 * NaN.
+  obj = jnp.where(mask, targets["objectness"].astype(jnp.float32), 0.0)   # [B, N]
   positive = mask & (obj > 0.5)                                           # [B, N]
+  box = jnp.where(positive[..., None], targets["box"].astype(jnp.float32), 0.0)
   count = jnp.maximum(jnp.sum(mask).astype(jnp.float32), 1.0)
   cls = masked_sum(sigmoid_binary_cross_entropy(logits, obj, mask)) / count
-  reg = masked_sum(smooth_l1(deltas, targets["box"].astype(jnp.float32), positive[..., None],
-                             beta=beta)) / count
+  reg = masked_sum(smooth_l1(deltas, box, positive[..., None], beta=beta)) / count
   correct = (logits.astype(jnp.float32) > 0.0) == positive
   metrics = {"loss/rpn_objectness": cls, "loss/rpn_box": box_weight * reg,
              "rpn/accuracy": masked_mean(correct.astype(jnp.float32), mask),
