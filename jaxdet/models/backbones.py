@@ -44,7 +44,7 @@ Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# He (Kaiming) normal with fan_out, as torchvision initialises VGG and ResNet convolutions.
+# He (Kaiming) normal (untruncated) with fan_out, as torchvision initialises VGG and ResNet convs.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 

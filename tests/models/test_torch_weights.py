@@ -92,7 +92,7 @@ def run_ours(arch, sd, x_nchw, **kw):
   variables = tw.convert_state_dict(arch, sd, **kw)
   model = bb.classifier(bb.get_backbone(arch, **kw), variables["params"]["head"]["bias"].shape[0])
   x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1), jnp.float32)
-  return np.asarray(model.apply(variables, x), np.float64)
+  return np.asarray(jax.jit(model.apply)(variables, x), np.float64)
 
 
 # ----------------------------------------------------------------------------- layer layouts
