@@ -1,6 +1,7 @@
 """Times jaxdet's ops (box IoU, NMS, RoI pool, RoI align) against torchvision's on the same inputs.
 
-  python -m experiments.bench_ops [--small | --tiny] [--repeats R] [--out FILE.json]
+  python -m experiments.bench_ops [--small | --tiny] [--only iou,nms,roi] [--repeats R]
+                                 [--out FILE.json]
 
 Compile time is excluded from the op times (a warm-up call, `jax.block_until_ready`, the median
 of R repeats) and reported in its own column. Where torch and torchvision import, torchvision.ops
@@ -67,7 +68,8 @@ def rpn_like_boxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nda
   s[background] = np.exp(rng.uniform(np.log(16), np.log(300), (background.sum(), 2)))
   boxes = np.concatenate([c - s / 2, c + s / 2], axis=1)
   boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
-  scores = rng.random(n).astype(np.float32)
+  # Distinct scores: torchvision's sort is not stable, so ties could reorder its picks.
+  scores = ((rng.permutation(n) + 0.5) / n).astype(np.float32)
   return boxes, scores
 
 
@@ -208,7 +210,7 @@ def bench_roi(rng, sizes, repeats, torch, tv, device):
         try:
           row["torch_s"], t_out = time_torch(torch, call, (t_feat, t_rois.to(t_feat.dtype)),
                                              repeats)
-        except RuntimeError as e:      # e.g. a dtype the kernel does not support
+        except (RuntimeError, NotImplementedError) as e:      # e.g. a dtype the kernel does not support
           row["agree"] = f"torchvision: {str(e).splitlines()[0][:60]}"
           t_out = None
         if dtype == "float32" and t_out is not None:
@@ -257,8 +259,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(out + [fmt(l) for l in lines])
 
 
-def run(size: str = "full", repeats: int | None = None, seed: int = 0) -> dict[str, Any]:
-  """Runs every benchmark; returns {"info": {...}, "size": size, "rows": [...]}."""
+BENCHES = {"iou": bench_iou, "nms": bench_nms, "roi": bench_roi}
+
+
+def run(size: str = "full", repeats: int | None = None, seed: int = 0,
+        only: tuple[str, ...] = tuple(BENCHES), verbose: bool = False) -> dict[str, Any]:
+  """Runs the benchmarks named in `only`; returns {"info": {...}, "size": size, "rows": [...]}."""
   sizes = SIZES[size]
   repeats = repeats or sizes["repeats"]
   torch, tv = import_torchvision()
@@ -267,8 +273,12 @@ def run(size: str = "full", repeats: int | None = None, seed: int = 0) -> dict[s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   rng = np.random.default_rng(seed)
   rows = []
-  for bench in (bench_iou, bench_nms, bench_roi):
-    rows += bench(rng, sizes, repeats, torch, tv, device)
+  for name in only:
+    new = BENCHES[name](rng, sizes, repeats, torch, tv, device)
+    if verbose:
+      for row in new:
+        print(f"  measured {row['op']} {row['size']} {row['dtype']}", flush=True)
+    rows += new
   return {"info": machine_info(torch, tv), "size": size, "repeats": repeats, "rows": rows}
 
 
@@ -279,9 +289,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   group.add_argument("--tiny", action="store_true", help="toy sizes, for the smoke test")
   parser.add_argument("--repeats", type=int, default=None, help="timed calls per op")
   parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+  parser.add_argument("--only", default=",".join(BENCHES),
+                      help=f"comma-separated subset of {','.join(BENCHES)}")
   args = parser.parse_args(argv)
   size = "tiny" if args.tiny else "small" if args.small else "full"
-  result = run(size, args.repeats)
+  only = tuple(args.only.split(","))
+  unknown = set(only) - set(BENCHES)
+  if unknown:
+    parser.error(f"--only: unknown benchmark(s) {sorted(unknown)}, expected some of "
+                 f"{sorted(BENCHES)}")
+  result = run(size, args.repeats, only=only, verbose=True)
   for key, value in result["info"].items():
     print(f"{key}: {value}")
   print(f"sizes: {size}, median of {result['repeats']} repeats, compile time excluded\n")
