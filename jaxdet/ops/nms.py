@@ -125,7 +125,7 @@ def _greedy_sorted(boxes, classes, num_candidates, iou_threshold, capacity, bloc
   if classes is not None:
     classes = jnp.pad(classes, (0, pad))
   rank = jnp.arange(length, dtype=jnp.int32)
-  earlier = rank[:, None] < rank[None, :]                      # [L, L] j before i
+  earlier = rank[None, :] < rank[:, None]                      # [L, L] [i, j]: j before i
   slot = jnp.arange(capacity, dtype=jnp.int32)
 
   def block_body(state):
@@ -135,16 +135,16 @@ def _greedy_sorted(boxes, classes, num_candidates, iou_threshold, capacity, bloc
     blk_cls = (None if classes is None
                else jax.lax.dynamic_slice_in_dim(classes, start, length))
     alive0 = start + rank < num_candidates                     # [L]
-    # Against every box kept by earlier blocks, all at once.
-    by_kept = _suppresses(kept_boxes, blk, kept_cls, blk_cls, iou_threshold)   # [K, L]
-    by_kept = jnp.any(by_kept & (slot < count)[:, None], axis=0)
+    # Against every box kept by earlier blocks, all at once (reductions run along rows).
+    by_kept = _suppresses(blk, kept_boxes, blk_cls, kept_cls, iou_threshold)   # [L, K]
+    by_kept = jnp.any(by_kept & (slot < count)[None, :], axis=1)
     alive0 = alive0 & ~by_kept
-    # Within the block: the fixed point of alive = alive0 & ~any_j<i(alive[j] & S[j, i]).
+    # Within the block: the fixed point of alive = alive0 & ~any_j<i(alive[j] & S[i, j]).
     s = _suppresses(blk, blk, blk_cls, blk_cls, iou_threshold) & earlier     # [L, L]
-    s = s & alive0[:, None]
+    s = s & alive0[None, :]
 
     def step(alive):
-      return alive0 & ~jnp.any(s & alive[:, None], axis=0)
+      return alive0 & ~jnp.any(s & alive[None, :], axis=1)
 
     def fix_cond(carry):
       return carry[1]
@@ -286,7 +286,8 @@ def multiclass_nms(boxes: jax.Array, scores: jax.Array, *, iou_threshold: float,
     block_size: as in `nms`.
   Returns:
     dict with boxes f32[K, 4], scores f32[K], labels i32[K] (0..C-1), valid bool[K]; sorted by
-    score descending; padded entries (valid False) hold zeros.
+    score descending (ties: lower box index, then lower class); padded entries (valid False)
+    hold zeros.
   """
   checks.check_array("scores", scores, ndim=2, dtype_kind="f")
   n, c = scores.shape
