@@ -17,6 +17,7 @@ SYSTEMS: dict[str, str] = {
     "windows": "jaxdet.models.windows:build_system",
     "classify": "jaxdet.models.classify:build_system",
     "fast_rcnn": "jaxdet.models.fast_rcnn:build_system",
+    "faster_rcnn": "jaxdet.models.faster_rcnn:build_system",
 }
 
 

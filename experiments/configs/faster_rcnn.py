@@ -1,0 +1,83 @@
+r"""Faster R-CNN (Ren et al. 2015): a Region Proposal Network on the shared conv features.
+
+  python -m experiments.train --config experiments/configs/faster_rcnn.py:cpu --workdir /tmp/frcnn
+  python -m experiments.train --config experiments/configs/faster_rcnn.py:paper --workdir /tmp/frcnn_voc
+  # 4-step alternating training instead of approximate joint training:
+  python -m experiments.train_alternating --config experiments/configs/faster_rcnn.py:cpu \
+      --workdir /tmp/frcnn_alt
+
+Presets:
+  cpu:   the tiny backbone at stride 8 on the 128 x 128 synthetic shapes, anchors scaled to the
+         image (scales 16, 32, 64; ratios 0.5, 1, 2), proposals 2000 / 300 -> 600 / 100,
+         approximate joint training; minutes on 2 CPU cores.
+  paper: VGG16 (ImageNet weights from `model.pretrained`, conv1_1..conv2_2 frozen as in the
+         paper), images rescaled so the shorter side is 600 (longer <= 1000), anchors 128, 256,
+         512 x ratios 0.5, 1, 2 at stride 16; RPN: 256 anchors per image, half positive,
+         IoU 0.7 / 0.3, NMS 0.7, 12000 / 2000 proposals in training and 6000 / 300 at test;
+         Fast R-CNN: 128 RoIs per image, 25% foreground; batch 2 images; SGD momentum 0.9,
+         weight decay 5e-4, lr 1e-3 for 50k steps then 1e-4 for 20k (VOC 2007 trainval,
+         the py-faster-rcnn end-to-end schedule), bfloat16.
+
+Stages (config.model.stage): "joint" (approximate joint training, the default) or one step of
+the 4-step alternating training, "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn";
+`jaxdet.models.faster_rcnn.train_alternating` runs the four in sequence, each resumable.
+"""
+
+from __future__ import annotations
+
+from experiments.configs import common
+
+
+def get_config(preset: str = "cpu"):
+  config = common.base_config(preset)
+  cpu = preset == "cpu"
+  config.system = "faster_rcnn"
+  config.model = {
+      "num_classes": config.num_classes,
+      "stage": "joint",
+      "backbone": "tiny" if cpu else "vgg16",
+      "backbone_kw": {"stride": 8, "widths": (32, 64, 96, 128),
+                      "fc_features": (256, 256), "roi_size": 4} if cpu else {},
+      "pretrained": "",              # paper: a torchvision vgg16 weights file
+      "frozen": () if cpu else ("conv1_1", "conv1_2", "conv2_1", "conv2_2"),
+      "dropout_rate": 0.0 if cpu else 0.5,
+      "rpn_channels": 128 if cpu else 512,
+      "anchor_scales": (16.0, 32.0, 64.0) if cpu else (128.0, 256.0, 512.0),
+      "anchor_ratios": (0.5, 1.0, 2.0),
+      "rpn_targets": {"pos_iou": 0.7, "neg_iou": 0.3, "num_samples": 256,
+                      "positive_fraction": 0.5, "allowed_border": 0.0},
+      "rpn_proposals": {
+          "train": {"pre_nms_topk": 600 if cpu else 12000,
+                    "post_nms_topk": 128 if cpu else 2000, "nms_threshold": 0.7,
+                    "min_size": 4.0 if cpu else 16.0},
+          "test": {"pre_nms_topk": 600 if cpu else 6000, "post_nms_topk": 100 if cpu else 300,
+                   "nms_threshold": 0.7, "min_size": 4.0 if cpu else 16.0}},
+      "rpn_loss": {"box_weight": 1.0, "beta": 1.0 / 9.0},
+      "sampler": {"rois_per_image": 64 if cpu else 128, "fg_fraction": 0.25, "fg_iou": 0.5,
+                  "bg_iou_high": 0.5, "bg_iou_low": 0.0 if cpu else 0.1, "add_gt": True},
+      "loss": {"box_loss": "smooth_l1", "box_weight": 1.0},
+      "predict": {"score_threshold": 0.01 if cpu else 0.05, "iou_threshold": 0.3,
+                  "max_detections": 100, "pre_nms_topk": 0},
+  }
+  if not cpu:
+    config.data.resize.mode = "shorter_side"
+    config.data.resize.min_sizes = (600,)
+    config.data.resize.max_size = 1000
+  config.data.augment.hflip = True
+
+  config.train.batch_size = 8 if cpu else 2
+  config.train.num_steps = 1200 if cpu else 70_000
+  config.train.log_every = 50 if cpu else 100
+  steps = config.train.num_steps
+  opt = config.optimizer
+  opt.name = "sgd"
+  opt.momentum = 0.9
+  opt.weight_decay = 1e-4 if cpu else 5e-4
+  opt.learning_rate = 2e-2 if cpu else 1e-3
+  opt.schedule = "step"
+  opt.warmup_steps = 50 if cpu else 0
+  opt.decay_steps = (int(steps * 0.8),) if cpu else (50_000,)
+  opt.decay_factor = 0.1
+  opt.grad_clip_norm = 10.0 if cpu else 0.0
+  config.eval.every_steps = 0 if cpu else 10_000
+  return common.finalize(config)
