@@ -120,10 +120,7 @@ def global_avg_pool(x: Array) -> Array:
 
 def _check_images(name: str, x: Array) -> None:
   """x must be f[B, H, W, 3] of a floating dtype (bfloat16 included)."""
-  checks.check_array(name, x, ndim=4, last_dim=3)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name}: expected a floating dtype (normalised images, see "
-                    f"normalize_images), got {x.dtype} with shape {tuple(x.shape)}")
+  checks.check_array(name, x, ndim=4, last_dim=3, dtype_kind="f")
 
 
 def _pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:

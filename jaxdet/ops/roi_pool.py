@@ -59,10 +59,7 @@ def _output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _check_inputs(features, rois, spatial_scale, mask) -> None:
-  checks.check_array("features", features, ndim=3)
-  if not jnp.issubdtype(features.dtype, jnp.floating):   # NumPy's kind of bfloat16 is "V"
-    raise TypeError(f"features: expected a floating dtype, got array of shape "
-                    f"{tuple(features.shape)} and dtype {features.dtype}")
+  checks.check_array("features", features, ndim=3, dtype_kind="f")
   checks.check_boxes("rois", rois)
   checks.check_positive("spatial_scale", spatial_scale)
   if mask is not None:
