@@ -1,0 +1,190 @@
+"""R-CNN's multi-stage training and evaluation, each stage resumable (run from experiments.train).
+
+R-CNN does not train by one gradient loss, so `experiments.train` hands a config with
+system "rcnn" to `train_and_evaluate` here, which runs, skipping every stage whose output
+already exists in the workdir:
+
+  0. proposals   the selective search cache of the train and test splits (computed by the data
+                 source, resumable shard by shard; jaxdet.proposals.selective_search)
+  1. finetune    the ordinary training loop (jaxdet.train.loop) on the (C+1)-way region
+                 classifier, in workdir/finetune (orbax checkpoints: resumes mid-run);
+                 its eval.json scores the fine-tuned softmax
+  2. features    fc7 of every train proposal and gt box, pool5 of those with IoU >= 0.6:
+                 workdir/stages/features_train.npz
+  3. svm         per-class SVMs with hard negative mining: workdir/stages/svm.npz
+  4. bbox_reg    per-class ridge box regressors: workdir/stages/bbox_reg.npz
+  5. evaluation  VOC07 mAP of the SVM scores with and without box regression: workdir/eval.json
+
+Every stage file is written to a temporary file and renamed, so an interrupted stage is redone,
+never half-read. Delete a stage's file (and the later ones) to redo it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAGE_FILES = {"features": "features_train.npz", "svm": "svm.npz", "bbox_reg": "bbox_reg.npz"}
+
+
+def _save_npz(path: str, arrays: dict[str, Any]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _stage_path(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, "stages", STAGE_FILES[stage])
+
+
+def _loader(config: Any, split: str, train: bool = False):
+  from jaxdet.data.pipeline import make_loader
+  return make_loader(config.data, split, batch_size=int(config.eval.batch_size),
+                     seed=int(config.seed), train=train)
+
+
+def finetuned_params(config: Any, workdir: str, system: Any) -> Any:
+  """Stage 1: fine-tune (resuming) unless finished; returns the fine-tuned params."""
+  from jaxdet.train import loop, setup
+  ft_dir = os.path.join(workdir, "finetune")
+  done = os.path.exists(os.path.join(ft_dir, "eval.json"))
+  if done:
+    with open(os.path.join(ft_dir, "eval.json")) as f:
+      done = json.load(f).get("step") == int(config.train.num_steps)
+  if not done:
+    loop.train_and_evaluate(config, ft_dir, system=system)
+  state = loop.restore_for_inference(config, ft_dir, system, setup.peek(_loader(config, "train")))
+  return state.params
+
+
+def extract_features(config: Any, system: Any, params: Any) -> dict[str, np.ndarray]:
+  """Stage 2: per-region features of the whole train split (no augmentation)."""
+  m = system.extras["model"]
+  features = system.extras["features"]
+  keep_keys = ("fc7", "overlaps", "is_gt", "gt_class")
+  svm_parts = {k: [] for k in keep_keys}
+  reg_parts = {k: [] for k in ("pool5", "rois", "gt_box", "gt_class")}
+  for batch in _loader(config, "train"):
+    real = np.asarray(batch.pop("example_mask"))
+    out = jax.device_get(features(params, batch))
+    rows = np.asarray(out["mask"]) & real[:, None]                       # [B, R]
+    for k in keep_keys:
+      svm_parts[k].append(np.asarray(out[k])[rows])
+    reg_rows = rows & (np.asarray(out["max_iou"]) >= float(m["bbox_reg"]["iou"]))
+    reg_parts["pool5"].append(np.asarray(out["pool5"])[reg_rows])
+    reg_parts["rois"].append(np.asarray(out["rois"])[reg_rows])
+    reg_parts["gt_box"].append(np.asarray(out["gt_box"])[reg_rows])
+    reg_parts["gt_class"].append(np.asarray(out["gt_class"])[reg_rows])
+  out = {k: np.concatenate(v) for k, v in svm_parts.items()}
+  out["fc7"] = out["fc7"].astype(np.float16)                             # halves the cache
+  out["overlaps"] = out["overlaps"].astype(np.float16)
+  out.update({f"reg_{k}": np.concatenate(v) for k, v in reg_parts.items()})
+  return out
+
+
+def stage_variables(config: Any, workdir: str, system: Any, params: Any,
+                    timings: dict[str, float] | None = None) -> dict[str, Any]:
+  """Stages 2-4 (each skipped when its file exists); returns {"params", "rcnn"}."""
+  from jaxdet.models import rcnn
+  m, c = system.extras["model"], system.num_classes
+  timings = {} if timings is None else timings
+  path = _stage_path(workdir, "features")
+  if not os.path.exists(path):
+    t = time.perf_counter()
+    _save_npz(path, extract_features(config, system, params))
+    timings["features_s"] = time.perf_counter() - t
+  feats = _load_npz(path)
+  path = _stage_path(workdir, "svm")
+  if not os.path.exists(path):
+    t = time.perf_counter()
+    svm = rcnn.train_svms(feats["fc7"], feats["overlaps"], feats["is_gt"], feats["gt_class"],
+                          c, m["svm"], seed=int(config.seed), log=log.info)
+    _save_npz(path, svm)
+    timings["svm_s"] = time.perf_counter() - t
+  svm = _load_npz(path)
+  path = _stage_path(workdir, "bbox_reg")
+  if not os.path.exists(path):
+    t = time.perf_counter()
+    reg = rcnn.train_bbox_regressors(feats["reg_pool5"], feats["reg_rois"], feats["reg_gt_box"],
+                                     feats["reg_gt_class"], c, m["bbox_reg"])
+    _save_npz(path, reg)
+    timings["bbox_reg_s"] = time.perf_counter() - t
+  reg = _load_npz(path)
+  stage = {"svm_w": svm["svm_w"], "svm_b": svm["svm_b"], "fc7_scale": svm["fc7_scale"],
+           "reg_w": reg["reg_w"], "reg_b": reg["reg_b"], "pool5_scale": reg["pool5_scale"]}
+  return {"params": params, "rcnn": jax.tree_util.tree_map(np.asarray, stage)}
+
+
+def _score(config: Any, system: Any, variables: Any) -> dict[str, float]:
+  from jaxdet.train.evaluate import evaluate_variables
+  loader = _loader(config, str(config.eval.split))
+  with_reg = evaluate_variables(system.extras["predict_with_bbox_reg"], variables, loader,
+                                system.num_classes)
+  without = evaluate_variables(system.extras["predict_without_bbox_reg"], variables, loader,
+                               system.num_classes)
+  out = dict(with_reg)
+  out.update({f"{k}_no_bbox_reg": v for k, v in without.items()})
+  return out
+
+
+def _write_eval(workdir: str, step: int, scores: dict[str, float]) -> None:
+  from jaxdet.train.loop import write_eval_json
+  write_eval_json(workdir, step, scores)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """Runs every stage not yet done in `workdir`; writes and returns the final scores."""
+  from jaxdet.train import setup
+  os.makedirs(workdir, exist_ok=True)
+  system = setup.system_from_config(config)
+  timings: dict[str, float] = {}
+  t = time.perf_counter()
+  for split in ("train", str(config.eval.split)):   # stage 0: the proposal caches
+    _loader(config, split).close()
+  timings["proposals_s"] = time.perf_counter() - t
+  t = time.perf_counter()
+  params = finetuned_params(config, workdir, system)
+  timings["finetune_s"] = time.perf_counter() - t
+  variables = stage_variables(config, workdir, system, params, timings)
+  scores = _score(config, system, variables)
+  with open(os.path.join(workdir, "finetune", "eval.json")) as f:
+    softmax = json.load(f)
+  scores["voc07_map_finetuned_softmax"] = float(softmax["voc07_map"])
+  scores.update({f"stage_{k}": v for k, v in timings.items()})
+  _write_eval(workdir, int(config.train.num_steps), scores)
+  return scores
+
+
+def evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """Scores a trained workdir (all stages done) on config.eval.split; writes eval.json."""
+  from jaxdet.train import setup
+  system = setup.system_from_config(config)
+  for stage in STAGE_FILES:
+    if not os.path.exists(_stage_path(workdir, stage)):
+      raise FileNotFoundError(f"workdir: stage {stage!r} missing ({_stage_path(workdir, stage)});"
+                              f" train first with python -m experiments.train --workdir {workdir}")
+  params = finetuned_params(config, workdir, system)
+  scores = _score(config, system, stage_variables(config, workdir, system, params))
+  _write_eval(workdir, int(config.train.num_steps), scores)
+  return scores
