@@ -24,7 +24,10 @@ def main(argv: list[str]) -> dict:
   config, flags = common.parse_flags(argv, define_flags)
   if not flags.workdir:
     raise ValueError("--workdir: expected the training run's directory")
-  from jaxdet.train.loop import evaluate
+  if config.system == "rcnn":   # SVMs and box regressors live beside the checkpoints
+    from experiments.rcnn_stages import evaluate
+  else:
+    from jaxdet.train.loop import evaluate
   scores = evaluate(config, flags.workdir)
   print(json.dumps(scores))
   return scores

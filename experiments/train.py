@@ -28,6 +28,11 @@ def main(argv: list[str]) -> dict:
   import jax
   if flags.multihost:
     jax.distributed.initialize()
+  if config.system == "rcnn":   # multi-stage training (SVMs, box regression), not one loss
+    from experiments import rcnn_stages
+    scores = rcnn_stages.train_and_evaluate(config, flags.workdir)
+    print(json.dumps(scores))
+    return scores
   from jaxdet.train.loop import train_and_evaluate
   state = train_and_evaluate(config, flags.workdir)
   with open(f"{flags.workdir}/eval.json") as f:

@@ -18,6 +18,7 @@ SYSTEMS: dict[str, str] = {
     "classify": "jaxdet.models.classify:build_system",
     "fast_rcnn": "jaxdet.models.fast_rcnn:build_system",
     "faster_rcnn": "jaxdet.models.faster_rcnn:build_system",
+    "rcnn": "jaxdet.models.rcnn:build_system",
 }
 
 
