@@ -1,0 +1,486 @@
+r"""The lecture in one command: every detector of lecture 8 trained, scored and timed side by side.
+
+    python -m experiments.lecture8 [--out out/lecture8] [--only yolo,fast_rcnn] [--fast]
+
+For each stage of `STAGES` (the lecture's order), on the synthetic shapes with the system's cpu
+preset: train (jaxdet.train.train_and_evaluate, or the system's own stage driver for R-CNN) in
+OUT/work/<system>, evaluate (VOC07 mAP@0.5 and COCO AP on the test split), time test per image
+(the jitted `predict` on one image, compilation excluded) without and with proposals
+(selective search timed on this CPU for the systems that take it), and draw the detections of
+a few test images into OUT/detections/<system>_<i>.png. Then the lecture's table goes to stdout,
+OUT/lecture8.md and OUT/lecture8.json, and a bar chart of test time per image to
+OUT/speedups.png.
+
+Resumable: a stage's results are written atomically to OUT/work/<system>/lecture8_stage.json
+when it is finished, and a second run reuses them (a stage interrupted while training resumes
+from its last checkpoint). A stage whose config file or `jaxdet.systems.SYSTEMS` entry does not
+exist yet shows up in the table as "not available: <reason>".
+
+`--fast` trains each system for a few steps on a few images (a smoke run of the harness; the
+scores mean nothing). Training time is wall-clock and process CPU time (all threads), so that a
+run on a busy machine can still be compared with one on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+MARKER = "lecture8_stage.json"       # a finished stage's results, in its workdir
+NUM_DRAWN = 3                        # test images drawn per system
+TIMED_IMAGES = 5                     # test images the per-image test time is the median over
+TIMED_REPEATS = 3                    # calls per timed image
+SS_IMAGES = 5                        # test images selective search is timed on
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One detector of the lecture and how the harness trains and tests it.
+
+  Attributes:
+    system: the key in jaxdet.systems.SYSTEMS; its config is experiments/configs/<system>.py.
+    title: the lecture's name for it.
+    proposals: where its region proposals come from at test time: "none" (no proposals),
+      "selective_search" (computed outside the network: timed on this CPU and added to the
+      test time with proposals), "rpn" (inside the network, already in `predict`).
+    driver: "module:function" (config, workdir) -> None that trains the system resumably and
+      writes workdir/eval.json; "" = jaxdet.train.train_and_evaluate.
+    variables: "module:function" (config, workdir, system, batch) -> the variables `predict`
+      runs with after training; "" = the latest checkpoint (restore_for_inference).
+    requires: further "module:function"s that must exist for the stage to run.
+  """
+  system: str
+  title: str
+  proposals: str = "none"
+  driver: str = ""
+  variables: str = ""
+  requires: tuple[str, ...] = ()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("localization", "Localization as regression (single object)"),
+    Stage("windows", "Sliding windows (brute force)"),
+    Stage("overfeat", "OverFeat (dense windows + box merging)"),
+    Stage("rcnn", "R-CNN", "selective_search", driver="experiments.rcnn_stages:train_and_evaluate",
+          variables="experiments.lecture8:rcnn_variables",
+          requires=("experiments.rcnn_stages:finetuned_params",
+                    "experiments.rcnn_stages:stage_variables")),
+    Stage("fast_rcnn", "Fast R-CNN", "selective_search"),
+    Stage("faster_rcnn", "Faster R-CNN", "rpn"),
+    Stage("yolo", "YOLO v1"),
+)
+REFERENCE = "rcnn"                   # speedups are against this stage
+
+COLUMNS = ("detector", "system", "VOC07 mAP@0.5", "COCO AP", "train time (wall / CPU)",
+           "test s/img excl. proposals", "proposals s/img", "test s/img incl. proposals",
+           "speedup vs R-CNN (excl. / incl.)")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _resolve(spec: str) -> Callable[..., Any]:
+  module, fn = spec.split(":")
+  return getattr(importlib.import_module(module), fn)
+
+
+def availability(stage: Stage) -> str | None:
+  """None when the stage can run, else why not (its config, SYSTEMS entry or driver is missing)."""
+  from jaxdet.systems import SYSTEMS
+  try:
+    importlib.import_module(f"experiments.configs.{stage.system}")
+  except ModuleNotFoundError as e:
+    if e.name != f"experiments.configs.{stage.system}":
+      raise
+    return f"no experiments/configs/{stage.system}.py yet"
+  if stage.system not in SYSTEMS:
+    return f"{stage.system!r} is not in jaxdet.systems.SYSTEMS yet"
+  for spec in (stage.driver, stage.variables, *stage.requires):
+    if not spec:
+      continue
+    module, fn = spec.split(":")
+    try:
+      found = hasattr(importlib.import_module(module), fn)
+    except ModuleNotFoundError as e:
+      if e.name != module:
+        raise
+      found = False
+    if not found:
+      return f"no {module}.{fn} yet"
+  return None
+
+
+def rcnn_variables(config: Any, workdir: str, system: Any, batch: Any) -> Any:
+  """R-CNN's test variables: the fine-tuned network plus the SVMs and box regressors."""
+  from experiments import rcnn_stages
+  del batch
+  params = rcnn_stages.finetuned_params(config, workdir, system)
+  return rcnn_stages.stage_variables(config, workdir, system, params)
+
+
+def stage_config(stage: Stage, out: str, fast: bool) -> Any:
+  """The stage's cpu preset; with `fast`, a few steps on a few images (a smoke run).
+
+  Selective search caches (R-CNN, and Fast R-CNN when it reads proposals from the batch) go
+  to OUT/proposals, so that a run keeps everything it computes under OUT.
+  """
+  config = importlib.import_module(f"experiments.configs.{stage.system}").get_config("cpu")
+  if config.data.get("proposals"):
+    config.data.proposals.cache_root = os.path.abspath(os.path.join(out, "proposals"))
+  if fast:
+    config.train.num_steps = 2
+    config.train.batch_size = 2
+    config.train.log_every = 1
+    config.eval.every_steps = 0
+    config.eval.batch_size = 2
+    config.eval.max_batches = -1
+    config.checkpoint.every_steps = 0
+    config.data.num_train = 8
+    config.data.num_test = 4
+  return config
+
+
+def fingerprint(config: Any) -> str:
+  """A short hash of the config (a finished stage is reused only for the same config); the
+  proposal cache's folder is left out, so that OUT can be moved."""
+  d = config.to_dict() if hasattr(config, "to_dict") else json.loads(json.dumps(config))
+  d.get("data", {}).get("proposals", {}).pop("cache_root", None)
+  return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to a temporary file beside `path`, then renames it over `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str) -> Any | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _train(stage: Stage, config: Any, workdir: str) -> dict[str, Any]:
+  """Runs the stage's trainer (resuming); returns eval.json with wall and CPU seconds."""
+  resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  wall, cpu = time.perf_counter(), time.process_time()
+  if stage.driver:
+    _resolve(stage.driver)(config, workdir)
+  else:
+    from jaxdet.train.loop import train_and_evaluate
+    train_and_evaluate(config, workdir)
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  scores = read_json(os.path.join(workdir, "eval.json"))
+  if scores is None:
+    raise RuntimeError(f"{stage.system}: training finished without {workdir}/eval.json")
+  return {"eval": scores, "train_wall_s": wall, "train_cpu_s": cpu, "resumed": resumed}
+
+
+def _test_batches(config: Any, count: int) -> list[dict[str, np.ndarray]]:
+  """The first `count` test images, one per batch, as evaluation sees them."""
+  from jaxdet.data.pipeline import make_loader
+  loader = make_loader(config.data, config.eval.split, batch_size=1, seed=int(config.seed),
+                       train=False)
+  batches = []
+  for batch in loader:
+    if len(batches) == count:
+      break
+    batches.append({k: np.asarray(v) for k, v in batch.items() if k != "example_mask"})
+  return batches
+
+
+def _load_variables(stage: Stage, config: Any, workdir: str, system: Any, batch: Any) -> Any:
+  if stage.variables:
+    return _resolve(stage.variables)(config, workdir, system, batch)
+  from jaxdet.train.loop import restore_for_inference
+  return restore_for_inference(config, workdir, system, batch).variables
+
+
+def _test(stage: Stage, config: Any, workdir: str, out: str) -> dict[str, Any]:
+  """Test seconds per image (median; compilation excluded) and the drawn detections."""
+  import jax
+  from jaxdet.data.pipeline import make_source
+  from jaxdet.eval.detections import unbatch_detections
+  from jaxdet.eval.draw import draw_detections, save_image
+  from jaxdet.train import setup
+  system = setup.system_from_config(config)
+  batches = _test_batches(config, max(TIMED_IMAGES, NUM_DRAWN))
+  variables = _load_variables(stage, config, workdir, system, batches[0])
+  predict = jax.jit(system.predict)
+  start = time.perf_counter()
+  jax.block_until_ready(predict(variables, batches[0]))
+  compile_s = time.perf_counter() - start
+  times, drawn = [], []
+  names = list(make_source(config.data, "test").class_names)
+  for i, batch in enumerate(batches):
+    for _ in range(TIMED_REPEATS):
+      start = time.perf_counter()
+      det = jax.block_until_ready(predict(variables, batch))
+      times.append(time.perf_counter() - start)
+    if i < NUM_DRAWN:
+      det = unbatch_detections(jax.device_get(det))[0]
+      h, w = (int(v) for v in batch["image_size"][0])
+      image = batch["image"][0, :h, :w]
+      picture = draw_detections(image, det["boxes"], det["labels"], det["scores"],
+                                class_names=names, score_threshold=0.3,
+                                gt_boxes=batch["boxes"][0][batch["box_mask"][0]],
+                                gt_labels=batch["labels"][0][batch["box_mask"][0]])
+      path = os.path.join(out, "detections", f"{stage.system}_{i}.png")
+      drawn.append(os.path.relpath(str(save_image(path, picture)), out))
+  return {"test_s_per_image": statistics.median(times), "compile_s": compile_s,
+          "detections": drawn}
+
+
+def run_stage(stage: Stage, out: str, *, fast: bool) -> dict[str, Any]:
+  """Trains, scores, times and draws one stage in OUT/work/<system>, or reuses its results."""
+  config = stage_config(stage, out, fast)
+  workdir = os.path.join(out, "work", stage.system)
+  marker = os.path.join(workdir, MARKER)
+  fp = fingerprint(config)
+  done = read_json(marker)
+  if done is not None:
+    if done.get("fingerprint") != fp:
+      raise ValueError(f"{workdir}: finished with another config (fingerprint "
+                       f"{done.get('fingerprint')}, now {fp}); use another --out or delete "
+                       f"{workdir}")
+    return {**done, "reused": True}
+  result = {"system": stage.system, "fingerprint": fp, "fast": fast,
+            "num_steps": int(config.train.num_steps), "batch_size": int(config.train.batch_size)}
+  result.update(_train(stage, config, workdir))
+  result.update(_test(stage, config, workdir, out))
+  if stage.system == "fast_rcnn":
+    result["trained_proposals"] = str(config.model.get("proposals", ""))
+  write_json_atomic(marker, result)
+  return {**result, "reused": False}
+
+
+# ----------------------------------------------------------------------------- proposals
+
+
+def selective_search_seconds(out: str, fast: bool) -> dict[str, Any]:
+  """Selective search ("fast" mode, up to 2000 boxes) seconds per synthetic test image on this
+  CPU (median over a few images; cached in OUT/selective_search.json), or why it is missing."""
+  path = os.path.join(out, "selective_search.json")
+  cached = read_json(path)
+  if cached is not None:
+    return cached
+  try:
+    from cv2 import ximgproc  # noqa: F401
+  except ImportError:
+    return {"s_per_image": None, "reason": "cv2.ximgproc (opencv-contrib) does not import"}
+  from jaxdet.data.pipeline import default_data_config, make_source
+  from jaxdet.proposals.selective_search import selective_search
+  source = make_source(default_data_config(), "test")
+  times, counts = [], []
+  for i in range(2 if fast else SS_IMAGES):
+    image = source[i]["image"]
+    start = time.perf_counter()
+    _, mask = selective_search(image, mode="fast", max_proposals=2000)
+    times.append(time.perf_counter() - start)
+    counts.append(int(mask.sum()))
+  result = {"s_per_image": statistics.median(times), "mode": "fast",
+            "image_shape": list(image.shape), "mean_proposals": float(np.mean(counts)),
+            "reason": ""}
+  write_json_atomic(path, result)
+  return result
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def make_rows(stages: Sequence[Stage], results: dict[str, dict[str, Any]],
+              missing: dict[str, str], ss: dict[str, Any]) -> list[dict[str, Any]]:
+  """One row per stage: scores, times, the proposal cost and speedups against R-CNN."""
+  rows = []
+  for stage in stages:
+    row: dict[str, Any] = {"system": stage.system, "detector": stage.title,
+                           "proposals": stage.proposals}
+    if stage.system in missing:
+      row["not_available"] = missing[stage.system]
+      rows.append(row)
+      continue
+    r = results[stage.system]
+    test = r["test_s_per_image"]
+    proposal_s = 0.0 if stage.proposals != "selective_search" else ss.get("s_per_image")
+    row.update(voc07_map=r["eval"].get("voc07_map"), coco_AP=r["eval"].get("coco_AP"),
+               train_wall_s=r["train_wall_s"], train_cpu_s=r["train_cpu_s"],
+               num_steps=r["num_steps"], test_s=test, proposal_s=proposal_s,
+               test_with_proposals_s=None if proposal_s is None else test + proposal_s,
+               compile_s=r["compile_s"], detections=r["detections"], reused=r["reused"],
+               resumed=r.get("resumed", False))
+    if r.get("trained_proposals") == "grid":
+      row["note"] = ("trained and scored on grid proposals; the proposals column is selective "
+                     "search timed on this CPU (the paper's pipeline)")
+    rows.append(row)
+  ref = next((r for r in rows if r["system"] == REFERENCE and "test_s" in r), None)
+  for row in rows:
+    if ref is None or "test_s" not in row:
+      continue
+    row["speedup"] = ref["test_s"] / row["test_s"]
+    if ref["test_with_proposals_s"] and row["test_with_proposals_s"]:
+      row["speedup_with_proposals"] = ref["test_with_proposals_s"] / row["test_with_proposals_s"]
+  return rows
+
+
+def _num(value: Any, fmt: str) -> str:
+  return "-" if value is None else format(value, fmt)
+
+
+def _seconds(s: float | None) -> str:
+  if s is None:
+    return "-"
+  return f"{s:.4f}" if s < 1 else f"{s:.2f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], ss: dict[str, Any]) -> str:
+  """The lecture's table in markdown."""
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  for r in rows:
+    if "not_available" in r:
+      cells = [r["detector"], r["system"], f"not available: {r['not_available']}"]
+      cells += [""] * (len(COLUMNS) - len(cells))
+    else:
+      if r["proposals"] == "selective_search":
+        prop = (_seconds(r["proposal_s"]) + " (selective search)" if r["proposal_s"] is not None
+                else f"not measured: {ss.get('reason')}")
+      else:
+        prop = "0 (in the network)" if r["proposals"] == "rpn" else "0 (none)"
+      speed = " / ".join(_num(r.get(k), ".1f") + ("x" if r.get(k) is not None else "")
+                         for k in ("speedup", "speedup_with_proposals"))
+      cells = [r["detector"] + (" *" if r.get("note") else ""), r["system"],
+               _num(r["voc07_map"], ".3f"), _num(r["coco_AP"], ".3f"),
+               f"{r['train_wall_s']:.0f} s / {r['train_cpu_s']:.0f} s", _seconds(r["test_s"]),
+               prop, _seconds(r["test_with_proposals_s"]), speed]
+    lines.append("| " + " | ".join(cells) + " |")
+  notes = [f"* {r['system']}: {r['note']}" for r in rows if r.get("note")]
+  return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def machine() -> dict[str, Any]:
+  import jax
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  return {"platform": platform.platform(), "python": platform.python_version(),
+          "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+          "cpu_count": os.cpu_count(), "load_average": load}
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str) -> str:
+  """A bar chart of test seconds per image (log scale), without and with proposals."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  done = [r for r in rows if "test_s" in r]
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(done) + 2), 4))
+  x = np.arange(len(done))
+  excl = [r["test_s"] for r in done]
+  incl = [r["test_with_proposals_s"] or 0.0 for r in done]
+  ax.bar(x - 0.2, excl, 0.4, label="excl. proposals")
+  ax.bar(x + 0.2, incl, 0.4, label="incl. proposals")
+  for i, r in enumerate(done):
+    if r.get("speedup") is not None:
+      ax.annotate(f"{r['speedup']:.0f}x", (i - 0.2, excl[i]), ha="center", va="bottom",
+                  fontsize=8)
+  ax.set_xticks(x, [r["system"] for r in done], rotation=20)
+  ax.set_yscale("log")
+  ax.set_ylabel("test seconds per image")
+  ax.set_title("Test time per image on this CPU (speedup vs R-CNN above the bars)")
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def select(only: str | None) -> list[Stage]:
+  """The stages named in `only` (comma separated, in the lecture's order), or all of them."""
+  if not only:
+    return list(STAGES)
+  names = [n.strip() for n in only.split(",") if n.strip()]
+  known = [s.system for s in STAGES]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"--only: unknown system(s) {unknown}; known: {known}")
+  return [s for s in STAGES if s.system in names]
+
+
+def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
+        ) -> dict[str, Any]:
+  """Runs (or reuses) every selected stage and writes the table, JSON, chart and detections."""
+  stages = select(only)
+  missing = {s.system: reason for s in stages if (reason := availability(s)) is not None}
+  results: dict[str, dict[str, Any]] = {}
+  try:
+    from tqdm import tqdm
+    bar = tqdm(stages, desc="lecture 8", unit="stage", file=sys.stderr, position=0)
+  except ImportError:
+    bar = stages
+  ss = {"s_per_image": None, "reason": "no stage uses selective search"}
+  if any(s.proposals == "selective_search" and s.system not in missing for s in stages):
+    ss = selective_search_seconds(out, fast)
+  for stage in bar:
+    if hasattr(bar, "set_postfix_str"):
+      bar.set_postfix_str(stage.system)
+    if stage.system in missing:
+      continue
+    results[stage.system] = run_stage(stage, out, fast=fast)
+  rows = make_rows(stages, results, missing, ss)
+  table = format_table(rows, ss)
+  info = machine()
+  command = "python -m experiments.lecture8 " + " ".join(
+      [f"--out {out}"] + ([f"--only {only}"] if only else []) + (["--fast"] if fast else []))
+  header = (f"Lecture 8 on the synthetic shapes (cpu presets{', --fast' if fast else ''}): "
+            f"`{command}`\n\nMachine: {info['platform']}, {info['cpu_count']} CPUs, load "
+            f"average {info['load_average']}, jax {info['jax']} on {info['devices'][0]}. "
+            f"Selective search: "
+            + (f"{ss['s_per_image']:.3f} s per {ss.get('image_shape')} image ({ss.get('mode')} "
+               f"mode, {ss.get('mean_proposals', 0):.0f} boxes on average)"
+               if ss.get("s_per_image") is not None else f"not timed ({ss.get('reason')})")
+            + ". Test time: the jitted predict on one image, median, compilation excluded.\n")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "lecture8.md"), "w") as f:
+    f.write(header + "\n" + table + "\n")
+  summary = {"command": command, "fast": fast, "machine": info, "selective_search": ss,
+             "columns": list(COLUMNS), "rows": rows}
+  write_json_atomic(os.path.join(out, "lecture8.json"), summary)
+  plot(rows, os.path.join(out, "speedups.png"))
+  print(table)
+  return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="out/lecture8", help="results and work directories")
+  parser.add_argument("--only", default=None, help="comma-separated systems, e.g. yolo,rcnn")
+  parser.add_argument("--fast", action="store_true", help="a few steps on a few images")
+  args = parser.parse_args(argv)
+  return run(args.out, args.only, args.fast)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
