@@ -47,7 +47,8 @@ import numpy as np
 
 from jaxdet import checks, losses
 from jaxdet.models import backbones
-from jaxdet.ops import box_coder, boxes as box_ops, crop_resize, matching, nms, sampling
+from jaxdet.ops import box_coder, boxes as box_ops, crop_resize, matching, sampling
+from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
 
 Array = jax.Array
@@ -463,7 +464,7 @@ def detect(outputs: Mapping[str, Array], rois: Array, mask: Array, image_size: A
   topk = int(pred["pre_nms_topk"]) or None
   if topk is not None and topk >= scores.size:
     topk = None
-  return nms.multiclass_nms(boxes, scores, iou_threshold=float(pred["nms_iou"]),
+  return multiclass_nms(boxes, scores, iou_threshold=float(pred["nms_iou"]),
                             max_output=int(pred["max_detections"]), score_threshold=threshold,
                             pre_nms_topk=topk, mask=mask)
 
