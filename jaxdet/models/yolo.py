@@ -31,7 +31,7 @@ from jaxdet import checks
 from jaxdet import losses
 from jaxdet.models.backbones import normalize_images
 from jaxdet.ops import boxes as box_ops
-from jaxdet.ops import nms as nms_ops
+from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
 
 Array = jax.Array
@@ -245,9 +245,9 @@ def postprocess(predictions: Array, image_size_hw: Array, *, num_boxes: int,
   """
   boxes, scores = decode_predictions(predictions, num_boxes=num_boxes, image_size=input_size)
   boxes = box_ops.clip_boxes(boxes, image_size_hw[0], image_size_hw[1])
-  return nms_ops.multiclass_nms(boxes, scores, iou_threshold=iou_threshold,
-                                max_output=max_detections, score_threshold=score_threshold,
-                                pre_nms_topk=pre_nms_topk)
+  return multiclass_nms(boxes, scores, iou_threshold=iou_threshold,
+                        max_output=max_detections, score_threshold=score_threshold,
+                        pre_nms_topk=pre_nms_topk)
 
 
 # --- the System ---------------------------------------------------------------------------------
