@@ -64,9 +64,28 @@ def _loader(config: Any, split: str, train: bool = False):
                      seed=int(config.seed), train=train)
 
 
+# The model keys that define the fine-tuned network: only these identify its checkpoints, so
+# changing a later stage's settings (svm, bbox_reg, predict) reuses the fine-tuned network.
+FINETUNE_KEYS = ("backbone", "backbone_kw", "input_size", "context", "fg_iou", "batch_rois",
+                 "fg_fraction")
+
+
+def finetune_config(config: Any) -> Any:
+  """A copy of `config` whose model section holds only FINETUNE_KEYS."""
+  import copy
+  ft = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
+      else copy.deepcopy(config)
+  model = ft["model"].to_dict() if hasattr(ft["model"], "to_dict") else dict(ft["model"])
+  if hasattr(ft, "unlock"):
+    ft.unlock()
+  ft["model"] = {k: model[k] for k in FINETUNE_KEYS if k in model}
+  return ft
+
+
 def finetuned_params(config: Any, workdir: str, system: Any) -> Any:
   """Stage 1: fine-tune (resuming) unless finished; returns the fine-tuned params."""
   from jaxdet.train import loop, setup
+  config = finetune_config(config)
   ft_dir = os.path.join(workdir, "finetune")
   done = os.path.exists(os.path.join(ft_dir, "eval.json"))
   if done:
