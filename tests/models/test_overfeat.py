@@ -1,0 +1,176 @@
+"""OverFeat windows: fc-to-conv equivalence, dense vs per-window evaluation, training windows."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdet.models import backbones, overfeat
+from jaxdet.ops import windows as win
+
+C = 3
+KW = {"stride": 8, "widths": (8, 16, 16), "fc_features": (24, 16), "roi_size": 3,
+      "dropout_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def nets():
+  parts = backbones.get_backbone("tiny", **KW)
+  window, step = overfeat.network_geometry(parts)
+  dense = overfeat.make_network(parts, C, C)
+  conv = overfeat.make_network(parts, C, C, as_conv=True)
+  params = dense.init(jax.random.PRNGKey(0), jnp.zeros((1, window, window, 3)))
+  return parts, dense, conv, params, window, step
+
+
+def test_geometry():
+  assert overfeat.network_geometry(backbones.get_backbone("tiny", **KW)) == (24, 8)
+  # AlexNet: conv stride 16 (4 * 2 * 2) then pool5 3x3/2 on 6x6 -> 16 * (5 * 2 + 3) = 208.
+  parts = backbones.get_backbone("alexnet")
+  assert overfeat.network_geometry(parts) == (16 * (5 * 2 + 3), 32)
+
+
+def test_conv_form_equals_dense_form_at_window_size(nets, rng):
+  parts, dense, conv, params, window, _ = nets
+  x = jnp.asarray(rng.normal(size=(2, window, window, 3)), jnp.float32)
+  logits, boxes = dense.apply(params, x)
+  conv_params = overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)
+  clogits, cboxes = conv.apply({"params": conv_params}, x)
+  assert clogits.shape == (2, 1, 1, C + 1) and cboxes.shape == (2, 1, 1, C, 4)
+  np.testing.assert_allclose(clogits[:, 0, 0], logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(cboxes[:, 0, 0], boxes, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_map_equals_fc_network_on_every_window(nets, rng):
+  """At a larger input each output cell is the fc network on one roi x roi window of features."""
+  parts, dense, conv, params, _, _ = nets
+  x = jnp.asarray(rng.normal(size=(1, 56, 72, 3)), jnp.float32)
+  p = params["params"]
+  conv_params = overfeat.to_conv_params(p, roi_size=parts.roi_size)
+  clogits, cboxes = conv.apply({"params": conv_params}, x)
+  feats = parts.conv.apply({"params": p["conv"]}, x)[0]                   # [h, w, ch]
+  r = parts.roi_size
+  hh, ww = feats.shape[0] - r + 1, feats.shape[1] - r + 1
+  assert clogits.shape[1:3] == (hh, ww)
+  slices = jnp.stack([feats[i:i + r, j:j + r] for i in range(hh) for j in range(ww)])
+  h = np.asarray(parts.fc.apply({"params": p["fc"]}, slices), np.float64)   # Dense fc per window
+  k = np.asarray(p["cls_head"]["kernel"], np.float64)
+  want = h @ k + np.asarray(p["cls_head"]["bias"], np.float64)
+  np.testing.assert_allclose(np.asarray(clogits[0]).reshape(-1, C + 1), want, rtol=1e-4,
+                             atol=1e-4)
+  kb = np.asarray(p["box_head"]["kernel"], np.float64)
+  wantb = h @ kb + np.asarray(p["box_head"]["bias"], np.float64)
+  np.testing.assert_allclose(np.asarray(cboxes[0]).reshape(-1, 4 * C), wantb, rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_dense_windows_maps_boxes_to_image(nets, rng):
+  parts, _, conv, params, window, step = nets
+  conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
+  images = jnp.asarray(rng.integers(0, 256, (2, 48, 64, 3)), jnp.uint8)
+  scales = (1.0, 0.75)
+  out = jax.jit(functools.partial(overfeat.dense_windows, conv, window=window, step=step,
+                                  scales=scales))(conv_params, images)
+  n = out["windows"].shape[0]
+  assert out["probs"].shape == (2, n, C + 1) and out["boxes"].shape == (2, n, C, 4)
+  np.testing.assert_allclose(np.asarray(out["probs"]).sum(-1), 1.0, rtol=1e-5)
+  # Scale 1: the first cells are the windows of the unresized image, a step apart.
+  first = np.asarray(out["windows"][:2])
+  np.testing.assert_allclose(first, [[0, 0, window, window], [step, 0, step + window, window]])
+  # Regressed boxes: the conv outputs decoded in each window, checked on the scale-1 cells.
+  logits, codes = conv.apply(conv_params, backbones.normalize_images(images.astype(jnp.float32)))
+  cells = codes.shape[1] * codes.shape[2]
+  w64 = np.asarray(out["windows"][:cells], np.float64)
+  c64 = np.asarray(codes, np.float64).reshape(2, cells, C, 4)
+  size = np.tile(w64[:, 2:] - w64[:, :2], 2)[None, :, None]
+  want = np.tile(w64[:, :2], 2)[None, :, None] + c64 * size
+  np.testing.assert_allclose(out["boxes"][:, :cells], want, rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="scales"):
+    overfeat.dense_windows(conv, conv_params, images, (0.25,), window=window, step=step)
+
+
+def test_explicit_windows_match_dense_where_crops_are_exact(rng):
+  """With no conv padding a crop's features are a slice of the image's: identical outputs."""
+  parts = backbones.get_backbone("tiny", **KW)
+  dense = overfeat.make_network(parts, C, 1)
+  conv = overfeat.make_network(parts, C, 1, as_conv=True)
+  window, step = overfeat.network_geometry(parts)
+  params = dense.init(jax.random.PRNGKey(1), jnp.zeros((1, window, window, 3)))
+  conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
+  # A constant image: padding is the only difference between a crop and the whole image, so
+  # compare on windows away from the border (features far from any zero padding coincide).
+  images = jnp.full((1, 64, 64, 3), 128, jnp.uint8)
+  d = overfeat.dense_windows(conv, conv_params, images, (1.0,), window=window, step=step)
+  e = overfeat.explicit_windows(dense, params, images, d["windows"], window=window, chunk=16)
+  assert e["probs"].shape == d["probs"].shape and e["boxes"].shape == d["boxes"].shape
+  np.testing.assert_allclose(np.asarray(e["probs"]).sum(-1), 1.0, rtol=1e-5)
+
+
+def _label64(windows, gt, labels, mask, c, pos, neg):
+  out = []
+  for w in windows:
+    ious = [(_iou(w, g) if m else -1.0) for g, m in zip(gt, mask)]
+    best = int(np.argmax(ious))
+    iou = max(ious[best], 0.0)
+    out.append(labels[best] if iou >= pos else (c if iou < neg else -1))
+  return np.array(out)
+
+
+def _iou(a, b):
+  lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+  inter = np.prod(np.maximum(rb - lt, 0))
+  union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter
+  return inter / union
+
+
+def test_training_windows(rng):
+  gt = np.array([[10, 12, 40, 50], [60, 60, 100, 90], [0, 0, 0, 0]], np.float32)
+  labels = np.array([2, 1, 0], np.int32)
+  mask = np.array([True, True, False])
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  wins = overfeat.sample_windows(key, jnp.asarray(gt), jnp.asarray(mask), jnp.array([128, 128]),
+                                 num_windows=32, min_side=20.0)
+  wins = np.asarray(wins)
+  side = wins[:, 2:] - wins[:, :2]
+  np.testing.assert_allclose(side[:, 0], side[:, 1], rtol=1e-5)             # square
+  rand = wins[16:]
+  assert (rand[:, :2] >= -1e-4).all() and (rand[:, 2:] <= 128 + 1e-3).all()
+  assert (side[16:, 0] >= 20 - 1e-4).all()
+  got = overfeat.label_windows(jnp.asarray(wins), jnp.asarray(gt), jnp.asarray(labels),
+                               jnp.asarray(mask), num_classes=C, pos_iou=0.5, neg_iou=0.3)
+  want = _label64(wins.astype(np.float64), gt.astype(np.float64), labels, mask, C, 0.5, 0.3)
+  np.testing.assert_array_equal(got["labels"], want)
+  assert (np.asarray(got["labels"])[:16] != C).any()   # object windows find objects
+  # No objects: every window is uniform and background.
+  empty = overfeat.sample_windows(key, jnp.asarray(gt), jnp.zeros(3, bool), jnp.array([64, 96]),
+                                  num_windows=8, min_side=20.0)
+  lab = overfeat.label_windows(empty, jnp.asarray(gt), jnp.asarray(labels), jnp.zeros(3, bool),
+                               num_classes=C, pos_iou=0.5, neg_iou=0.3)
+  np.testing.assert_array_equal(lab["labels"], C)
+  assert (np.asarray(empty)[:, 2] <= 96 + 1e-3).all()
+
+
+def test_system_loss_and_predict():
+  config = {"num_classes": C, "model": {"backbone_kw": KW, "scales": (1.0, 0.8),
+                                        "num_windows": 4, "max_detections": 5,
+                                        "pre_merge_topk": 16}}
+  system = overfeat.build_system(config)
+  batch = {"image": jnp.full((2, 48, 48, 3), 100, jnp.uint8),
+           "image_size": jnp.array([[48, 48], [48, 40]], jnp.int32),
+           "boxes": jnp.array([[[4.0, 4.0, 30.0, 28.0], [0, 0, 0, 0]]] * 2),
+           "labels": jnp.zeros((2, 2), jnp.int32),
+           "box_mask": jnp.array([[True, False], [False, False]])}
+  variables = system.init(jax.random.PRNGKey(0), batch)
+  grads = jax.jit(jax.grad(lambda v: system.loss(v, batch, jax.random.PRNGKey(1))[0]))(
+      variables)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+  _, metrics, _ = system.loss(variables, batch, jax.random.PRNGKey(1))
+  assert {"loss/class", "loss/box", "window_accuracy"} <= set(metrics)
+  dets = jax.jit(system.predict)(variables, batch)
+  assert dets["boxes"].shape == (2, 5, 4) and dets["valid"].dtype == bool
+  b = np.asarray(dets["boxes"])[1]
+  assert (b[:, 2] <= 40 + 1e-3).all()   # clipped to the real width
+  with pytest.raises(ValueError, match="unknown keys"):
+    overfeat.build_system({"num_classes": C, "model": {"scale": (1.0,)}})
