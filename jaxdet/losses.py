@@ -396,8 +396,12 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
   cls_index = jnp.clip(labels - 1, 0, c1 - 2)                               # [R]
   pred = jnp.take_along_axis(box_deltas.astype(jnp.float32),
                              cls_index[:, None, None], axis=1)[:, 0]        # [R, 4]
-  box = loss_fn(pred, box_targets.astype(jnp.float32), fg,
-                rois=rois.astype(jnp.float32), stds=tuple(stds))           # [R]
+  # Rows outside the foreground may hold anything (NaN targets, empty RoIs): replace them by
+  # harmless values so that no NaN reaches a gradient through the box loss (double `where`).
+  safe_targets = jnp.where(fg[:, None], box_targets.astype(jnp.float32), 0.0)
+  safe_rois = jnp.where(fg[:, None], rois.astype(jnp.float32),
+                        jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32))
+  box = loss_fn(pred, safe_targets, fg, rois=safe_rois, stds=tuple(stds))  # [R]
   box = box_weight * jnp.sum(jnp.where(fg, box, 0.0)) / count
   correct = jnp.argmax(cls_logits, axis=-1) == labels
   metrics = {

@@ -47,7 +47,9 @@ from jaxdet.models import backbones
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
-from jaxdet.ops import matching, nms, roi_pool, sampling
+from jaxdet.ops import matching, sampling
+from jaxdet.ops.nms import multiclass_nms
+from jaxdet.ops.roi_pool import roi_pool
 from jaxdet.system import System
 
 Array = jax.Array
@@ -144,7 +146,7 @@ class FastRCNNNet(nn.Module):
     """RoI max pooling per image: features f[B, h, w, C'], rois f32[B, R, 4] pixels of the
     image (the pyramid level `scale` times the batch image), roi_mask bool[B, R]
     -> f[B, R, roi_size, roi_size, C'] (zeros where masked)."""
-    fn = functools.partial(roi_pool.roi_pool, output_size=self.roi_size,
+    fn = functools.partial(roi_pool, output_size=self.roi_size,
                            spatial_scale=scale / self.stride)
     return jax.vmap(lambda f, r, m: fn(f, r, mask=m))(features, rois, roi_mask)
 
@@ -478,7 +480,7 @@ def build_system(config: Any) -> System:
   def predict(variables, batch):
     scores, boxes, pmask = score_proposals(variables, batch)
     post = functools.partial(
-        nms.multiclass_nms, iou_threshold=float(pred_cfg["iou_threshold"]),
+        multiclass_nms, iou_threshold=float(pred_cfg["iou_threshold"]),
         max_output=int(pred_cfg["max_detections"]),
         score_threshold=float(pred_cfg["score_threshold"]),
         pre_nms_topk=int(pred_cfg["pre_nms_topk"]) or None)
