@@ -19,6 +19,7 @@ SYSTEMS: dict[str, str] = {
     "fast_rcnn": "jaxdet.models.fast_rcnn:build_system",
     "faster_rcnn": "jaxdet.models.faster_rcnn:build_system",
     "rcnn": "jaxdet.models.rcnn:build_system",
+    "yolo": "jaxdet.models.yolo:build_system",
 }
 
 
