@@ -1,0 +1,146 @@
+"""Localization as regression: slot targets, the loss, decoding and the ILSVRC metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdet.models import localization as loc
+
+C = 4
+
+
+def _random_gt(rng, m=5, real=3, size=(60, 80)):
+  h, w = size
+  xy = rng.uniform(0, [w - 10, h - 10], (m, 2))
+  wh = rng.uniform(4, 10, (m, 2))
+  boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+  mask = np.zeros(m, bool)
+  mask[rng.choice(m, real, replace=False)] = True
+  labels = rng.integers(0, C, m).astype(np.int32)
+  return boxes, labels, mask, np.array([h, w], np.int32)
+
+
+@pytest.mark.parametrize("targets", ["boxes", "points"])
+def test_slot_targets_against_sorted_loop(rng, targets):
+  boxes, labels, mask, size = _random_gt(rng)
+  k = 4   # more slots than the 3 real objects
+  got = loc.slot_targets(jnp.asarray(boxes), jnp.asarray(labels), jnp.asarray(mask),
+                         jnp.asarray(size), num_slots=k, targets=targets)
+  real = [i for i in range(len(boxes)) if mask[i]]
+  centre = lambda i: ((boxes[i, 0] + boxes[i, 2]) / 2, (boxes[i, 1] + boxes[i, 3]) / 2)
+  real.sort(key=lambda i: centre(i))
+  h, w = size
+  np.testing.assert_array_equal(got["mask"], [True] * 3 + [False])
+  np.testing.assert_array_equal(got["labels"][:3], labels[real])
+  for s, i in enumerate(real):
+    if targets == "boxes":
+      want = boxes[i].astype(np.float64) / [w, h, w, h]
+    else:
+      cx, cy = centre(i)
+      want = np.array([cx / w, cy / h])
+    np.testing.assert_allclose(got["coords"][s], want, rtol=1e-5)
+  np.testing.assert_array_equal(got["coords"][3], 0.0)
+
+
+def test_loss_against_reference(rng):
+  b, k = 3, 2
+  logits = rng.normal(size=(b, k, C)).astype(np.float32)
+  coords = rng.uniform(size=(b, k, C, 4)).astype(np.float32)
+  tl = rng.integers(0, C, (b, k)).astype(np.int32)
+  tc = rng.uniform(size=(b, k, 4)).astype(np.float32)
+  tm = np.array([[True, True], [True, False], [False, False]])
+  value, metrics = loc.localization_loss(
+      jnp.asarray(logits), jnp.asarray(coords),
+      {"coords": jnp.asarray(tc), "labels": jnp.asarray(tl), "mask": jnp.asarray(tm)},
+      box_weight=2.5)
+  ce, l2, right = [], [], []
+  for i in range(b):
+    for j in range(k):
+      if not tm[i, j]:
+        continue
+      z = logits[i, j].astype(np.float64)
+      logp = z - np.log(np.sum(np.exp(z - z.max()))) - z.max()
+      ce.append(-logp[tl[i, j]])
+      l2.append(np.sum((coords[i, j, tl[i, j]] - tc[i, j]) ** 2))
+      right.append(np.argmax(z) == tl[i, j])
+  np.testing.assert_allclose(metrics["loss/class"], np.mean(ce), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss/box"], np.mean(l2), rtol=1e-5)
+  np.testing.assert_allclose(value, np.mean(ce) + 2.5 * np.mean(l2), rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(right), rtol=1e-6)
+  # Class-agnostic coordinates (G = 1) use the one shared box.
+  _, m1 = loc.localization_loss(
+      jnp.asarray(logits), jnp.asarray(coords[:, :, :1]),
+      {"coords": jnp.asarray(tc), "labels": jnp.asarray(tl), "mask": jnp.asarray(tm)})
+  want = np.mean([np.sum((coords[i, j, 0] - tc[i, j]) ** 2) for i in range(b) for j in range(k)
+                  if tm[i, j]])
+  np.testing.assert_allclose(m1["loss/box"], want, rtol=1e-5)
+
+
+def test_loss_all_masked_is_zero_with_finite_gradients():
+  logits = jnp.zeros((2, 1, C))
+  coords = jnp.full((2, 1, 1, 4), jnp.nan)
+  t = {"coords": jnp.zeros((2, 1, 4)), "labels": jnp.full((2, 1), -1, jnp.int32),
+       "mask": jnp.zeros((2, 1), bool)}
+  value, _ = loc.localization_loss(logits, jnp.zeros((2, 1, 1, 4)), t)
+  assert float(value) == 0.0
+  g = jax.grad(lambda c: loc.localization_loss(logits, c, t)[0])(jnp.zeros((2, 1, 1, 4)))
+  assert np.all(np.isfinite(g))
+  del coords
+
+
+def test_decode_slots_and_metrics():
+  logits = jnp.array([[0.0, 5.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0]])        # classes 1, 0
+  coords = jnp.zeros((2, C, 4)).at[0, 1].set(jnp.array([0.1, 0.2, 0.5, 0.6])).at[1, 0].set(
+      jnp.array([0.9, 0.1, 0.6, 0.3]))                                     # x2 < x1: reordered
+  det = jax.jit(loc.decode_slots)(logits, coords, jnp.array([50, 100]))
+  np.testing.assert_allclose(det["boxes"], [[10, 10, 50, 30], [60, 5, 90, 15]], rtol=1e-5)
+  np.testing.assert_array_equal(det["labels"], [1, 0])
+  np.testing.assert_allclose(det["scores"][0], np.exp(5) / (np.exp(5) + 3), rtol=1e-5)
+  # Metrics: image 1 right class and IoU 1; image 2 right class, IoU 0.25; image 3 wrong class.
+  gts = [{"boxes": np.array([[10, 10, 50, 30]], np.float32), "labels": np.array([1])},
+         {"boxes": np.array([[0, 0, 20, 20]], np.float32), "labels": np.array([2])},
+         {"boxes": np.array([[0, 0, 10, 10]], np.float32), "labels": np.array([3])}]
+  dets = [{"boxes": np.array([[10, 10, 50, 30]], np.float32), "labels": np.array([1])},
+          {"boxes": np.array([[0, 0, 10, 10]], np.float32), "labels": np.array([2])},
+          {"boxes": np.array([[0, 0, 10, 10]], np.float32), "labels": np.array([0])}]
+  m = loc.localization_metrics(gts, dets)
+  np.testing.assert_allclose(m["accuracy"], 2 / 3)
+  np.testing.assert_allclose(m["loc_accuracy"], 1 / 3)
+  np.testing.assert_allclose(m["mean_iou"], (1 + 0.25 + 1) / 3)
+  with pytest.raises(ValueError, match="dets"):
+    loc.localization_metrics(gts, dets[:2])
+
+
+@pytest.mark.parametrize("head_at", ["fc", "conv"])
+def test_system_shapes_params_and_jit(head_at):
+  kw = {"stride": 16, "widths": (8, 16, 16, 16), "fc_features": (32, 32), "roi_size": 2,
+        "dropout_rate": 0.0}
+  config = {"num_classes": C, "model": {"backbone_kw": kw, "num_slots": 2, "per_class": True,
+                                        "box_head_at": head_at, "box_fc_features": (16,)}}
+  system = loc.build_system(config)
+  batch = {"image": jnp.full((2, 32, 32, 3), 90, jnp.uint8),
+           "image_size": jnp.array([[32, 32], [32, 32]], jnp.int32),
+           "boxes": jnp.array([[[2.0, 3.0, 20.0, 25.0], [0, 0, 0, 0]]] * 2),
+           "labels": jnp.array([[1, 0], [2, 0]], jnp.int32),
+           "box_mask": jnp.array([[True, False], [False, False]])}
+  v = system.init(jax.random.PRNGKey(0), batch)
+  p = v["params"]
+  assert {"conv", "fc", "cls_head", "box_head"} <= set(p)
+  assert ("box_fc" in p) == (head_at == "conv")
+  assert p["box_head"]["kernel"].shape == (32 if head_at == "fc" else 16, 2 * C * 4)
+  g = jax.jit(jax.grad(lambda v: system.loss(v, batch, jax.random.PRNGKey(1))[0]))(v)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
+  dets = jax.jit(system.predict)(v, batch)
+  assert dets["boxes"].shape == (2, 2, 4) and dets["valid"].all()
+  assert system.extras["eval_metrics"] is loc.localization_metrics
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="unknown keys"):
+    loc.build_system({"num_classes": C, "model": {"box_head": "fc"}})
+  with pytest.raises(ValueError, match="targets"):
+    loc.build_system({"num_classes": C, "model": {"targets": "masks"}})
+  with pytest.raises(ValueError, match="targets"):
+    loc.slot_targets(jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32), jnp.ones(2, bool),
+                     jnp.array([8, 8]), num_slots=1, targets="masks")
