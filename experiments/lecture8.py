@@ -14,7 +14,9 @@ OUT/speedups.png.
 Resumable: a stage's results are written atomically to OUT/work/<system>/lecture8_stage.json
 when it is finished, and a second run reuses them (a stage interrupted while training resumes
 from its last checkpoint). A stage whose config file or `jaxdet.systems.SYSTEMS` entry does not
-exist yet shows up in the table as "not available: <reason>".
+exist yet shows up in the table as "not available: <reason>"; a stage that raises shows up as
+"not available: failed: <error>" (its traceback goes to stderr), is not marked finished, and
+the run goes on with the next stage.
 
 `--fast` trains each system for a few steps on a few images (a smoke run of the harness; the
 scores mean nothing). Training time is wall-clock and process CPU time (all threads), so that a
@@ -34,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -448,7 +451,13 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
       bar.set_postfix_str(stage.system)
     if stage.system in missing:
       continue
-    results[stage.system] = run_stage(stage, out, fast=fast)
+    try:
+      results[stage.system] = run_stage(stage, out, fast=fast)
+    except Exception as e:   # noqa: BLE001  (one broken system must not stop the lecture)
+      if isinstance(e, ValueError) and "finished with another config" in str(e):
+        raise
+      traceback.print_exc()
+      missing[stage.system] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
   rows = make_rows(stages, results, missing, ss)
   table = format_table(rows, ss)
   info = machine()
