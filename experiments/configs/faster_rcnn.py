@@ -2,9 +2,10 @@ r"""Faster R-CNN (Ren et al. 2015): a Region Proposal Network on the shared conv
 
   python -m experiments.train --config experiments/configs/faster_rcnn.py:cpu --workdir /tmp/frcnn
   python -m experiments.train --config experiments/configs/faster_rcnn.py:paper --workdir /tmp/frcnn_voc
-  # 4-step alternating training instead of approximate joint training:
-  python -m experiments.train_alternating --config experiments/configs/faster_rcnn.py:cpu \
-      --workdir /tmp/frcnn_alt
+  # 4-step alternating training instead of approximate joint training (each step resumable,
+  # in /tmp/frcnn_alt/<stage>):
+  python -c "from experiments.configs import faster_rcnn as c; from jaxdet.models import \
+      faster_rcnn as f; print(f.train_alternating(c.get_config('cpu'), '/tmp/frcnn_alt'))"
 
 Presets:
   cpu:   the tiny backbone at stride 8 on the 128 x 128 synthetic shapes, anchors scaled to the

@@ -43,7 +43,7 @@ from jaxdet.models import fast_rcnn
 from jaxdet.models import rpn as rpn_lib
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
-from jaxdet.ops import nms
+from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
 
 Array = jax.Array
@@ -293,7 +293,7 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
     size = image_size.astype(jnp.float32)
     boxes = jax.vmap(box_ops.clip_boxes)(boxes, size[:, 0], size[:, 1])
     post = functools.partial(
-        nms.multiclass_nms, iou_threshold=float(pred_cfg["iou_threshold"]),
+        multiclass_nms, iou_threshold=float(pred_cfg["iou_threshold"]),
         max_output=int(pred_cfg["max_detections"]),
         score_threshold=float(pred_cfg["score_threshold"]),
         pre_nms_topk=int(pred_cfg["pre_nms_topk"]) or None)

@@ -36,7 +36,8 @@ from jaxdet.models import backbones
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
-from jaxdet.ops import matching, nms as nms_ops, sampling
+from jaxdet.ops import matching, sampling
+from jaxdet.ops.nms import nms as greedy_nms
 
 Array = jax.Array
 
@@ -199,8 +200,8 @@ def propose(logits: Array, deltas: Array, anchors: Array, image_size_hw: Array, 
   ranked = jnp.where(keep, logits, -jnp.inf)
   top_scores, top = jax.lax.top_k(ranked, pre)                                 # [pre] each
   top_boxes = boxes[top]                                                       # [pre, 4]
-  idx, valid = nms_ops.nms(top_boxes, top_scores, nms_threshold, post_nms_topk,
-                           mask=keep[top])
+  idx, valid = greedy_nms(top_boxes, top_scores, nms_threshold, post_nms_topk,
+                          mask=keep[top])
   out_boxes = jnp.where(valid[:, None], top_boxes[idx], 0.0)
   out_scores = jnp.where(valid, jax.nn.sigmoid(top_scores[idx]), 0.0)
   return {"boxes": out_boxes, "scores": out_scores, "valid": valid}
