@@ -385,7 +385,7 @@ def model_settings(config: Any) -> dict[str, Any]:
   """MODEL_DEFAULTS updated by config.model (unknown keys are an error)."""
   model = config["model"] if "model" in config else {}
   model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
-  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - {"num_classes", "init_from"})
+  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - {"num_classes"})
   if unknown:
     raise ValueError(f"config.model: unknown keys {unknown}; known: {sorted(MODEL_DEFAULTS)}")
   return {**MODEL_DEFAULTS, **model}
