@@ -60,17 +60,25 @@ def score(gts: list, dets: list, num_classes: int) -> dict[str, float]:
 
 
 def evaluate_variables(predict: Callable[[Any, Any], Any], variables: Any, loader: Any,
-                       num_classes: int, *, max_batches: int = -1) -> dict[str, float]:
+                       num_classes: int, *, max_batches: int = -1,
+                       extra_metrics: Callable[[list, list], dict[str, float]] | None = None
+                       ) -> dict[str, float]:
   """Scores of `variables` on the loader's images, with throughput.
 
+  Args:
+    extra_metrics: a system's own host-side scores `(gts, dets) -> {name: float}` (its
+      `System.extras["eval_metrics"]`, e.g. localization accuracy), added to the result.
   Returns:
-    {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}.
+    {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}
+    plus the names `extra_metrics` returns.
   """
   gts, dets, seconds, count = predict_dataset(predict, variables, loader,
                                               max_batches=max_batches)
   if count == 0:
     raise ValueError("eval loader: expected at least one real image (example_mask), got none")
   metrics = score(gts, dets, num_classes)
+  if extra_metrics is not None:
+    metrics.update({k: float(v) for k, v in extra_metrics(gts, dets).items()})
   metrics["images_per_s"] = count / max(seconds, 1e-9)
   metrics["num_images"] = float(count)
   return metrics

@@ -64,7 +64,8 @@ def _eval(config: Any, system: System, state: TrainState, make_loader, data,
   loader = _make(make_loader, config, config.eval.split, batch_size=int(config.eval.batch_size),
                  seed=int(config.seed), train=False, data=data)
   return evaluate_variables(system.predict, state.variables, loader, system.num_classes,
-                            max_batches=max_batches)
+                            max_batches=max_batches,
+                            extra_metrics=system.extras.get("eval_metrics"))
 
 
 def _due(step: int, every: int) -> bool:
@@ -190,6 +191,7 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
   loader = _make(make_loader, config, config.eval.split, batch_size=int(config.eval.batch_size),
                  seed=int(config.seed), train=False, data=(examples, class_names))
   state = restore_for_inference(config, workdir, system, setup.peek(loader))
-  metrics = evaluate_variables(system.predict, state.variables, loader, system.num_classes)
+  metrics = evaluate_variables(system.predict, state.variables, loader, system.num_classes,
+                               extra_metrics=system.extras.get("eval_metrics"))
   write_eval_json(workdir, int(state.step), metrics)
   return metrics
