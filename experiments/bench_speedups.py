@@ -269,7 +269,7 @@ def torchvision_rows(s: dict[str, Any], batch: dict[str, Any], repeats: int
   backbone.out_channels = 512
   scales = tuple(int(a) for a in s["anchor_scales"])
   faster = FasterRCNN(
-      backbone, num_classes=c + 1, min_size=h, max_size=w,
+      backbone, num_classes=None, min_size=h, max_size=w,   # classes: box_predictor
       rpn_anchor_generator=AnchorGenerator(sizes=(scales,), aspect_ratios=((0.5, 1.0, 2.0),)),
       rpn_pre_nms_top_n_test=s["rpn_pre"], rpn_post_nms_top_n_test=s["rpn_post"],
       rpn_nms_thresh=0.7, box_roi_pool=RoIMaxPool(), box_head=FC67(),

@@ -221,6 +221,20 @@ def _load_variables(stage: Stage, config: Any, workdir: str, system: Any, batch:
   return restore_for_inference(config, workdir, system, batch).variables
 
 
+def proposal_count(stage: Stage, config: Any, system: Any, batch: Any) -> float | None:
+  """Region proposals `predict` scores per image: the batch's (selective search), the grid's
+  (Fast R-CNN's cpu preset) or the RPN's test capacity; None for systems without proposals."""
+  if "proposal_mask" in batch:
+    return float(np.asarray(batch["proposal_mask"]).sum(axis=-1).mean())
+  model = config.get("model", {})
+  if stage.system == "fast_rcnn" and model.get("proposals") == "grid":
+    _, mask = system.extras["proposals"](batch)
+    return float(np.asarray(mask).sum(axis=-1).mean())
+  if stage.proposals == "rpn" and "rpn_proposals" in model:
+    return float(model["rpn_proposals"]["test"]["post_nms_topk"])
+  return None
+
+
 def _test(stage: Stage, config: Any, workdir: str, out: str) -> dict[str, Any]:
   """Test seconds per image (median; compilation excluded) and the drawn detections."""
   import jax
@@ -235,9 +249,10 @@ def _test(stage: Stage, config: Any, workdir: str, out: str) -> dict[str, Any]:
   start = time.perf_counter()
   jax.block_until_ready(predict(variables, batches[0]))
   compile_s = time.perf_counter() - start
-  times, drawn = [], []
+  times, drawn, counts = [], [], []
   names = list(make_source(config.data, "test").class_names)
   for i, batch in enumerate(batches):
+    counts.append(proposal_count(stage, config, system, batch))
     for _ in range(TIMED_REPEATS):
       start = time.perf_counter()
       det = jax.block_until_ready(predict(variables, batch))
@@ -253,7 +268,8 @@ def _test(stage: Stage, config: Any, workdir: str, out: str) -> dict[str, Any]:
       path = os.path.join(out, "detections", f"{stage.system}_{i}.png")
       drawn.append(os.path.relpath(str(save_image(path, picture)), out))
   return {"test_s_per_image": statistics.median(times), "compile_s": compile_s,
-          "detections": drawn}
+          "detections": drawn,
+          "num_proposals": None if counts[0] is None else float(np.mean(counts))}
 
 
 def run_stage(stage: Stage, out: str, *, fast: bool) -> dict[str, Any]:
@@ -331,11 +347,13 @@ def make_rows(stages: Sequence[Stage], results: dict[str, dict[str, Any]],
                train_wall_s=r["train_wall_s"], train_cpu_s=r["train_cpu_s"],
                num_steps=r["num_steps"], test_s=test, proposal_s=proposal_s,
                test_with_proposals_s=None if proposal_s is None else test + proposal_s,
+               num_proposals=r.get("num_proposals"),
                compile_s=r["compile_s"], detections=r["detections"], reused=r["reused"],
                resumed=r.get("resumed", False))
     if r.get("trained_proposals") == "grid":
-      row["note"] = ("trained and scored on grid proposals; the proposals column is selective "
-                     "search timed on this CPU (the paper's pipeline)")
+      row["note"] = ("the cpu preset trains and scores on a fixed grid of boxes (the count "
+                     "shown), not selective search; the proposals column adds selective search "
+                     "timed on this CPU, as in the paper's pipeline")
     rows.append(row)
   ref = next((r for r in rows if r["system"] == REFERENCE and "test_s" in r), None)
   for row in rows:
@@ -365,11 +383,13 @@ def format_table(rows: Sequence[dict[str, Any]], ss: dict[str, Any]) -> str:
       cells = [r["detector"], r["system"], f"not available: {r['not_available']}"]
       cells += [""] * (len(COLUMNS) - len(cells))
     else:
+      n = r.get("num_proposals")
+      count = "" if n is None else f", {n:.0f}/img scored"
       if r["proposals"] == "selective_search":
-        prop = (_seconds(r["proposal_s"]) + " (selective search)" if r["proposal_s"] is not None
-                else f"not measured: {ss.get('reason')}")
+        prop = (_seconds(r["proposal_s"]) + f" (selective search{count})"
+                if r["proposal_s"] is not None else f"not measured: {ss.get('reason')}")
       else:
-        prop = "0 (in the network)" if r["proposals"] == "rpn" else "0 (none)"
+        prop = f"0 (RPN in the network{count})" if r["proposals"] == "rpn" else "0 (none)"
       speed = " / ".join(_num(r.get(k), ".1f") + ("x" if r.get(k) is not None else "")
                          for k in ("speedup", "speedup_with_proposals"))
       cells = [r["detector"] + (" *" if r.get("note") else ""), r["system"],

@@ -42,6 +42,7 @@ def test_fast_run_writes_every_output(fast_run):
   row = {r["system"]: r for r in saved["rows"]}["localization"]
   assert 0.0 <= row["voc07_map"] <= 1.0 and 0.0 <= row["coco_AP"] <= 1.0
   assert row["test_s"] > 0 and row["test_with_proposals_s"] == row["test_s"]
+  assert row["num_proposals"] is None
   assert row["train_wall_s"] > 0 and row["train_cpu_s"] > 0 and row["num_steps"] == 2
   assert row["detections"] == [f"detections/localization_{i}.png"
                                for i in range(lecture8.NUM_DRAWN)]
@@ -93,13 +94,16 @@ def test_speedups_are_ratios_of_test_times_to_rcnn():
     return {"test_s_per_image": test_s, "eval": {"voc07_map": 0.5, "coco_AP": 0.3},
             "train_wall_s": 1.0, "train_cpu_s": 2.0, "num_steps": 3, "compile_s": 0.1,
             "detections": [], "reused": False}
-  results = {"rcnn": result(8.0), "fast_rcnn": result(0.25), "yolo": result(0.02)}
+  results = {"rcnn": {**result(8.0), "num_proposals": 212.0}, "fast_rcnn": result(0.25),
+             "yolo": result(0.02)}
   ss = {"s_per_image": 1.75}
   rows = {r["system"]: r for r in lecture8.make_rows(stages, results, {}, ss)}
   assert rows["fast_rcnn"]["speedup"] == pytest.approx(8.0 / 0.25)
   assert rows["fast_rcnn"]["speedup_with_proposals"] == pytest.approx(9.75 / 2.0)
   assert rows["yolo"]["speedup_with_proposals"] == pytest.approx(9.75 / 0.02)
   assert rows["rcnn"]["speedup"] == pytest.approx(1.0)
+  assert "1.75 (selective search, 212/img scored)" in lecture8.format_table(list(rows.values()),
+                                                                              ss)
   no_ss = {r["system"]: r for r in lecture8.make_rows(
       stages, results, {}, {"s_per_image": None, "reason": "no ximgproc"})}
   assert no_ss["rcnn"]["test_with_proposals_s"] is None
