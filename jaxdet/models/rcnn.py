@@ -50,6 +50,7 @@ from jaxdet.models import backbones
 from jaxdet.ops import box_coder, boxes as box_ops, crop_resize, matching, sampling
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
+from jaxdet.train import init_from
 
 Array = jax.Array
 
@@ -62,6 +63,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "batch_rois": 128,           # fine-tuning regions per minibatch
     "fg_fraction": 0.25,         # 32 of 128
     "chunk": 256,                # regions per CNN call at test / feature extraction
+    "init_from": "",             # a finished classify run's workdir: start conv + fc from its
+                                 # latest checkpoint (jaxdet.train.init_from); "" = from scratch
     "svm": {"C": 1e-3, "pos_weight": 2.0, "bias_mult": 10.0, "neg_iou": 0.3,
             "feat_norm": 20.0, "cache_size": 4096, "rounds": 4, "newton_steps": 15,
             "hard_threshold": -1.0001, "easy_threshold": -1.2, "solver": "newton"},
@@ -486,7 +489,10 @@ def build_system(config: Any) -> System:
 
   def init(rng, batch):
     x = jnp.zeros((1, s, s, 3), dtype)
-    return {"params": net.init({"params": rng}, x, train=False)["params"]}
+    params = net.init({"params": rng}, x, train=False)["params"]
+    if m["init_from"]:
+      params = init_from.load_into(params, str(m["init_from"]))
+    return {"params": params}
 
   def loss(variables, batch, rng):
     _check_batch(batch)
