@@ -6,6 +6,11 @@ already exists in the workdir:
 
   0. proposals   the selective search cache of the train and test splits (computed by the data
                  source, resumable shard by shard; jaxdet.proposals.selective_search)
+     pretrain    when `config.pretrain` holds a classify config (the cpu preset) and
+                 `config.model.init_from` is "": classification pretraining of the backbone on
+                 object crops (the "classify" system, ordinary training loop) in
+                 workdir/pretrain; fine-tuning starts its conv and fc layers from there
+                 (jaxdet.train.init_from), as the paper starts from ImageNet weights
   1. finetune    the ordinary training loop (jaxdet.train.loop) on the (C+1)-way region
                  classifier, in workdir/finetune (orbax checkpoints: resumes mid-run);
                  its eval.json scores the fine-tuned softmax
@@ -21,6 +26,7 @@ never half-read. Delete a stage's file (and the later ones) to redo it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +55,23 @@ def _save_npz(path: str, arrays: dict[str, Any]) -> None:
     raise
 
 
+class _Clock:
+  """Wall and process CPU seconds (all threads, plus finished child processes such as the
+  selective search workers) since construction; `record(timings, name)` stores both."""
+
+  def __init__(self):
+    self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+
+  def record(self, timings: dict[str, float], name: str) -> None:
+    timings[f"{name}_s"] = time.perf_counter() - self.wall
+    timings[f"{name}_cpu_s"] = _cpu_seconds() - self.cpu
+
+
+def _cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
 def _load_npz(path: str) -> dict[str, np.ndarray]:
   with np.load(path) as z:
     return {k: z[k] for k in z.files}
@@ -67,7 +90,7 @@ def _loader(config: Any, split: str, train: bool = False):
 # The model keys that define the fine-tuned network: only these identify its checkpoints, so
 # changing a later stage's settings (svm, bbox_reg, predict) reuses the fine-tuned network.
 FINETUNE_KEYS = ("backbone", "backbone_kw", "input_size", "context", "fg_iou", "batch_rois",
-                 "fg_fraction")
+                 "fg_fraction", "init_from")
 
 
 def finetune_config(config: Any) -> Any:
@@ -82,17 +105,64 @@ def finetune_config(config: Any) -> Any:
   return ft
 
 
+def _finished(run_dir: str, num_steps: int) -> bool:
+  """A training loop run is finished when its eval.json is of the last step."""
+  path = os.path.join(run_dir, "eval.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("step") == int(num_steps)
+
+
+def uses_pretraining(config: Any) -> bool:
+  """Whether the stages pretrain the backbone (config.pretrain set, model.init_from empty)."""
+  pre = config.get("pretrain") or {}
+  return bool(pre.get("system")) and not config.model.get("init_from")
+
+
+def pretrained_run(config: Any, workdir: str) -> str:
+  """Stage 0b: classification pretraining in workdir/pretrain (resuming) unless finished.
+
+  Returns:
+    The pretraining run's workdir, or "" when the config does not pretrain.
+  """
+  if not uses_pretraining(config):
+    return ""
+  from jaxdet.train import loop
+  pre = config.pretrain
+  if pre.system != "classify":
+    raise ValueError(f"config.pretrain.system: expected 'classify', got {pre.system!r}")
+  run_dir = os.path.join(workdir, "pretrain")
+  if not _finished(run_dir, int(pre.train.num_steps)):
+    loop.train_and_evaluate(pre, run_dir)
+  return run_dir
+
+
+def _init_from_run(system: Any, run_dir: str) -> Any:
+  """`system` whose init takes conv and fc from the run in `run_dir` (jaxdet.train.init_from)."""
+  from jaxdet.train import init_from
+
+  def init(rng, batch):
+    variables = dict(system.init(rng, batch))
+    variables["params"] = init_from.load_into(variables["params"], run_dir)
+    return variables
+  return dataclasses.replace(system, init=init)
+
+
 def finetuned_params(config: Any, workdir: str, system: Any) -> Any:
-  """Stage 1: fine-tune (resuming) unless finished; returns the fine-tuned params."""
+  """Stage 1: fine-tune (resuming) unless finished; returns the fine-tuned params.
+
+  With pretraining (see `uses_pretraining`), runs stage 0b first and fine-tunes from it.
+  """
   from jaxdet.train import loop, setup
+  pretrain_dir = pretrained_run(config, workdir)
   config = finetune_config(config)
+  if pretrain_dir:   # identifies the fine-tuned network's checkpoints (workdir-relative)
+    config["model"]["init_from"] = "<workdir>/pretrain"
   ft_dir = os.path.join(workdir, "finetune")
-  done = os.path.exists(os.path.join(ft_dir, "eval.json"))
-  if done:
-    with open(os.path.join(ft_dir, "eval.json")) as f:
-      done = json.load(f).get("step") == int(config.train.num_steps)
-  if not done:
-    loop.train_and_evaluate(config, ft_dir, system=system)
+  if not _finished(ft_dir, int(config.train.num_steps)):
+    ft_system = _init_from_run(system, pretrain_dir) if pretrain_dir else system
+    loop.train_and_evaluate(config, ft_dir, system=ft_system)
   state = loop.restore_for_inference(config, ft_dir, system, setup.peek(_loader(config, "train")))
   return state.params
 
@@ -130,25 +200,25 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
   timings = {} if timings is None else timings
   path = _stage_path(workdir, "features")
   if not os.path.exists(path):
-    t = time.perf_counter()
+    clock = _Clock()
     _save_npz(path, extract_features(config, system, params))
-    timings["features_s"] = time.perf_counter() - t
+    clock.record(timings, "features")
   feats = _load_npz(path)
   path = _stage_path(workdir, "svm")
   if not os.path.exists(path):
-    t = time.perf_counter()
+    clock = _Clock()
     svm = rcnn.train_svms(feats["fc7"], feats["overlaps"], feats["is_gt"], feats["gt_class"],
                           c, m["svm"], seed=int(config.seed), log=log.info)
     _save_npz(path, svm)
-    timings["svm_s"] = time.perf_counter() - t
+    clock.record(timings, "svm")
   svm = _load_npz(path)
   path = _stage_path(workdir, "bbox_reg")
   if not os.path.exists(path):
-    t = time.perf_counter()
+    clock = _Clock()
     reg = rcnn.train_bbox_regressors(feats["reg_pool5"], feats["reg_rois"], feats["reg_gt_box"],
                                      feats["reg_gt_class"], c, m["bbox_reg"])
     _save_npz(path, reg)
-    timings["bbox_reg_s"] = time.perf_counter() - t
+    clock.record(timings, "bbox_reg")
   reg = _load_npz(path)
   stage = {"svm_w": svm["svm_w"], "svm_b": svm["svm_b"], "fc7_scale": svm["fc7_scale"],
            "reg_w": reg["reg_w"], "reg_b": reg["reg_b"], "pool5_scale": reg["pool5_scale"]}
@@ -178,15 +248,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   system = setup.system_from_config(config)
   timings: dict[str, float] = {}
-  t = time.perf_counter()
+  clock = _Clock()
   for split in ("train", str(config.eval.split)):   # stage 0: the proposal caches
     _loader(config, split).close()
-  timings["proposals_s"] = time.perf_counter() - t
-  t = time.perf_counter()
+  clock.record(timings, "proposals")
+  clock = _Clock()
+  pretrained_run(config, workdir)
+  clock.record(timings, "pretrain")
+  clock = _Clock()
   params = finetuned_params(config, workdir, system)
-  timings["finetune_s"] = time.perf_counter() - t
+  clock.record(timings, "finetune")
   variables = stage_variables(config, workdir, system, params, timings)
+  clock = _Clock()
   scores = _score(config, system, variables)
+  clock.record(timings, "evaluation")
   with open(os.path.join(workdir, "finetune", "eval.json")) as f:
     softmax = json.load(f)
   scores["voc07_map_finetuned_softmax"] = float(softmax["voc07_map"])

@@ -476,7 +476,8 @@ def build_system(config: Any) -> System:
   """The R-CNN System: fine-tuning loss and SVM (or softmax) scoring + box regression predict.
 
   Reads `config.model` (keys and defaults: MODEL_DEFAULTS), `config.num_classes` and
-  `config.compute_dtype`. Batches must carry "proposals" and "proposal_mask".
+  `config.compute_dtype`. With `model.init_from` (a finished classify run's workdir), `init`
+  takes the conv and fc layers from that run's latest checkpoint (jaxdet.train.init_from). Batches must carry "proposals" and "proposal_mask".
   extras: "network" (RCNNNet), "model" (the merged model config), "features" (jitted
   (params, batch) -> per-region outputs and targets for the training stages), and
   "predict_without_bbox_reg".
