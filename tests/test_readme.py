@@ -1,0 +1,30 @@
+"""README's commands and snippet are the ones the project runs."""
+
+import os
+import re
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(*parts):
+  with open(os.path.join(ROOT, *parts)) as f:
+    return f.read()
+
+
+def test_own_data_snippet_is_the_tested_function_body():
+  """The README block is experiments/own_data_example.train_on_own_data's body, which
+  tests/test_experiments.py::test_own_data_snippet runs."""
+  readme = _read("README.md")
+  block = re.search(r"## Train on your own data.*?```python\n(.*?)```", readme, re.S).group(1)
+  source = _read("experiments", "own_data_example.py")
+  body = re.search(r"# --- README: Train on your own data ---\n(.*?)\n\s*# --- end ---",
+                   source, re.S).group(1)
+  assert block.strip() == textwrap.dedent(body).strip()
+
+
+def test_ci_runs_the_readme_test_command():
+  readme = _read("README.md")
+  ci = _read(".ci", "run")
+  command = re.search(r"The tests .*?\n\n    (.+?)\n", readme, re.S).group(1)
+  assert command in ci.splitlines()[-1], (command, ci.splitlines()[-1])
