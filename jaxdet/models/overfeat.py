@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from jaxdet import checks, losses
 from jaxdet.models import backbones
-from jaxdet.ops import nms as nms_ops
 from jaxdet.ops import windows as win
+from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.boxes import box_iou, clip_boxes
 from jaxdet.system import System
 
@@ -326,7 +326,7 @@ def windows_detections(windows: Array, probs: Array, image_size: Array, *, iou_t
     Detections of one image (boxes f32[K, 4] clipped to the image, scores, labels, valid).
   """
   boxes = clip_boxes(windows, image_size[0], image_size[1])
-  return nms_ops.multiclass_nms(boxes, probs[:, :-1], iou_threshold=iou_threshold,
+  return multiclass_nms(boxes, probs[:, :-1], iou_threshold=iou_threshold,
                                 max_output=max_detections, score_threshold=score_threshold)
 
 
