@@ -13,7 +13,8 @@ OUT/speedups.png.
 
 Resumable: a stage's results are written atomically to OUT/work/<system>/lecture8_stage.json
 when it is finished, and a second run reuses them (a stage interrupted while training resumes
-from its last checkpoint). A stage whose config file or `jaxdet.systems.SYSTEMS` entry does not
+from its last checkpoint). A finished stage whose config has changed since (a new preset) is
+moved aside to OUT/work/<system>.stale-<fingerprint> and trained again. A stage whose config file or `jaxdet.systems.SYSTEMS` entry does not
 exist yet shows up in the table as "not available: <reason>"; a stage that raises shows up as
 "not available: failed: <error>" (its traceback goes to stderr), is not marked finished, and
 the run goes on with the next stage.
@@ -32,6 +33,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -282,12 +284,15 @@ def run_stage(stage: Stage, out: str, *, fast: bool) -> dict[str, Any]:
   marker = os.path.join(workdir, MARKER)
   fp = fingerprint(config)
   done = read_json(marker)
-  if done is not None:
-    if done.get("fingerprint") != fp:
-      raise ValueError(f"{workdir}: finished with another config (fingerprint "
-                       f"{done.get('fingerprint')}, now {fp}); use another --out or delete "
-                       f"{workdir}")
+  if done is not None and done.get("fingerprint") == fp:
     return {**done, "reused": True}
+  if done is not None:   # the preset changed since: keep the old run aside, train afresh
+    stale = f"{workdir}.stale-{done.get('fingerprint')}"
+    print(f"{stage.system}: its config changed since {workdir} was finished; moved to {stale}",
+          file=sys.stderr)
+    if os.path.exists(stale):
+      shutil.rmtree(stale)
+    os.replace(workdir, stale)
   result = {"system": stage.system, "fingerprint": fp, "fast": fast,
             "num_steps": int(config.train.num_steps), "batch_size": int(config.train.batch_size)}
   result.update(_train(stage, config, workdir))
@@ -478,8 +483,6 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
     try:
       results[stage.system] = run_stage(stage, out, fast=fast)
     except Exception as e:   # noqa: BLE001  (one broken system must not stop the lecture)
-      if isinstance(e, ValueError) and "finished with another config" in str(e):
-        raise
       traceback.print_exc()
       missing[stage.system] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
   rows = make_rows(stages, results, missing, ss)

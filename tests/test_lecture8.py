@@ -76,7 +76,7 @@ def test_second_run_reuses_finished_stages(fast_run):
   assert second_s < 30   # no training, no timing: only the table, the JSON and the chart
 
 
-def test_a_stage_finished_with_another_config_is_not_reused(fast_run, tmp_path):
+def test_a_stage_finished_with_another_config_is_trained_again(fast_run, tmp_path):
   out = str(tmp_path / "copy")
   shutil.copytree(fast_run[0], out)
   marker = os.path.join(out, "work", "localization", lecture8.MARKER)
@@ -84,8 +84,13 @@ def test_a_stage_finished_with_another_config_is_not_reused(fast_run, tmp_path):
     done = json.load(f)
   with open(marker, "w") as f:
     json.dump({**done, "fingerprint": "0123456789abcdef"}, f)
-  with pytest.raises(ValueError, match="finished with another config"):
-    lecture8.run(out, only="localization", fast=True)
+  result = lecture8.run(out, only="localization", fast=True)
+  assert result["rows"][0]["reused"] is False
+  stale = os.path.join(out, "work", "localization.stale-0123456789abcdef")
+  with open(os.path.join(stale, lecture8.MARKER)) as f:
+    assert json.load(f)["fingerprint"] == "0123456789abcdef"
+  with open(marker) as f:
+    assert json.load(f)["fingerprint"] == done["fingerprint"]
 
 
 def test_speedups_are_ratios_of_test_times_to_rcnn():
