@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdet.models import backbones, overfeat
+from jaxdet.models import backbones, overfeat, windows
 from jaxdet.ops import windows as win
 
 C = 3
@@ -174,3 +174,37 @@ def test_system_loss_and_predict():
   assert (b[:, 2] <= 40 + 1e-3).all()   # clipped to the real width
   with pytest.raises(ValueError, match="unknown keys"):
     overfeat.build_system({"num_classes": C, "model": {"scale": (1.0,)}})
+
+
+def test_windows_system_detections_are_windows_after_nms(rng):
+  """The brute-force system: each detection is one grid window (clipped), scored by its class
+  probability, with per-class NMS; no box head."""
+  config = {"num_classes": C, "model": {"backbone_kw": KW, "scales": (1.0,), "num_windows": 4,
+                                        "max_detections": 6, "score_threshold": 0.0,
+                                        "iou_threshold": 0.3}}
+  system = windows.build_system(config)
+  images = jnp.asarray(rng.integers(0, 256, (1, 48, 40, 3)), jnp.uint8)
+  batch = {"image": images, "image_size": jnp.array([[48, 40]], jnp.int32),
+           "boxes": jnp.array([[[4.0, 4.0, 30.0, 28.0]]]), "labels": jnp.zeros((1, 1), jnp.int32),
+           "box_mask": jnp.array([[True]])}
+  variables = system.init(jax.random.PRNGKey(0), batch)
+  assert "box_head" not in variables["params"]
+  dets = jax.jit(system.predict)(variables, batch)
+  parts = backbones.get_backbone("tiny", **KW)
+  conv = overfeat.make_network(parts, C, 0, as_conv=True)
+  conv_params = {"params": overfeat.to_conv_params(variables["params"], roi_size=parts.roi_size)}
+  dense = overfeat.dense_windows(conv, conv_params, images, (1.0,), window=system.extras["window"],
+                                 step=system.extras["step"])
+  grid = np.asarray(dense["windows"], np.float64)
+  probs = np.asarray(dense["probs"][0], np.float64)
+  valid = np.asarray(dets["valid"][0])
+  assert valid.any()
+  for box, score, label in zip(np.asarray(dets["boxes"][0])[valid], np.asarray(
+      dets["scores"][0])[valid], np.asarray(dets["labels"][0])[valid]):
+    clipped = np.minimum(np.maximum(grid, 0), [40, 48, 40, 48])
+    hit = np.flatnonzero(np.abs(clipped - box).max(1) < 1e-3)
+    assert hit.size and np.isclose(probs[hit, label], score, rtol=1e-4).any()
+  # The best (window, class) pair is always kept first.
+  i, c = np.unravel_index(np.argmax(probs[:, :C]), (len(grid), C))
+  assert int(dets["labels"][0, 0]) == c
+  np.testing.assert_allclose(dets["scores"][0, 0], probs[i, c], rtol=1e-4)
