@@ -23,7 +23,7 @@ def get_config(preset: str = "cpu"):
         "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
                         "roi_size": 4, "dropout_rate": 0.3},
         "num_slots": 1, "targets": "boxes", "per_class": False, "box_head_at": "fc",
-        "box_fc_features": (256,), "box_weight": 10.0,
+        "box_fc_features": (256,), "box_weight": 10.0, "detach_box": False,
     }
     config.data.name = "synthetic_single"
     config.data.image_size = (64, 64)
@@ -41,7 +41,7 @@ def get_config(preset: str = "cpu"):
     config.model = {
         "backbone": "vgg16", "backbone_kw": {},
         "num_slots": 1, "targets": "boxes", "per_class": True, "box_head_at": "fc",
-        "box_fc_features": (4096,), "box_weight": 10.0,
+        "box_fc_features": (4096,), "box_weight": 10.0, "detach_box": False,
     }
     config.data.resize.mode = "square"
     config.data.resize.square_size = 224

@@ -45,7 +45,10 @@ class LocalizationNet(nn.Module):
   images f[B, H, W, 3] -> (logits f32[B, K, C], coords f32[B, K, G, D]) with G = C (per_class)
   or 1, D = 4 (boxes) or 2 (points), coordinates as fractions of the image size.
   Parameters {"conv", "fc", "cls_head", "box_head"} (+ "box_fc" when box_head_at="conv"), so
-  conv and fc load from a `backbones.Classifier` checkpoint of the same backbone.
+  conv and fc load from a `backbones.Classifier` checkpoint of the same backbone. With
+  `detach_box` the box head reads the features through `stop_gradient`: the backbone learns
+  from the classification loss only and the box loss trains the box layers (the lecture's
+  recipe: a classification network, then a regression head trained on its features).
   """
   conv: nn.Module
   fc: nn.Module
@@ -56,6 +59,7 @@ class LocalizationNet(nn.Module):
   per_class: bool = False
   box_head_at: str = "fc"
   box_fc_features: Sequence[int] = (256,)
+  detach_box: bool = False
   pool5: tuple[int, int, int] | None = None
   dense_fc: bool = True
   dtype: Any = jnp.float32
@@ -70,13 +74,16 @@ class LocalizationNet(nn.Module):
     h = self.fc(f, train=train)
     k, c = self.num_slots, self.num_classes
     logits = nn.Dense(k * c, dtype=self.dtype, name="cls_head")(h)
+    # detach_box: the lecture's "train the regression head only": the box loss trains its own
+    # layers on the classification features, never the shared backbone.
+    sg = jax.lax.stop_gradient if self.detach_box else (lambda a: a)
     if self.box_head_at == "fc":
-      hb = h
+      hb = sg(h)
     elif self.box_head_at == "conv":
       if self.dense_fc:
-        fb = f
+        fb = sg(f)
       else:   # ResNet: conv features at any size; pool to roi_size for the Dense layers
-        fb = backbones.adaptive_avg_pool(f, self.roi_size)
+        fb = backbones.adaptive_avg_pool(sg(f), self.roi_size)
       hb = backbones.DenseHead(tuple(self.box_fc_features), self.roi_size, dropout_rate=0.0,
                                dtype=self.dtype, name="box_fc")(fb, train=train)
     else:
@@ -247,6 +254,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "per_class": False,        # one box per class, or one shared box
     "box_head_at": "fc",       # "fc" | "conv"
     "box_fc_features": (256,),  # the conv-attached head's own fc layers
+    "detach_box": False,       # box loss trains the box layers only (stop_gradient before them)
     "box_weight": 10.0,        # coordinates are fractions of the image: squared errors ~ 0.01
 }
 
@@ -268,7 +276,8 @@ def build_system(config: Any) -> System:
   k = int(m["num_slots"])
   net = LocalizationNet(parts.conv.clone(), parts.fc.clone(), c, parts.roi_size, k,
                         TARGETS[m["targets"]], bool(m["per_class"]), str(m["box_head_at"]),
-                        tuple(m["box_fc_features"]), parts.pool5, parts.dense_fc, dtype=dtype)
+                        tuple(m["box_fc_features"]), bool(m["detach_box"]), parts.pool5,
+                        parts.dense_fc, dtype=dtype)
   has_bn = not parts.dense_fc
   mutable = ["batch_stats"] if has_bn else False
 

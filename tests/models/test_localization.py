@@ -136,6 +136,21 @@ def test_system_shapes_params_and_jit(head_at):
   assert system.extras["eval_metrics"] is loc.localization_metrics
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_box_keeps_box_gradients_out_of_the_backbone(detach):
+  kw = {"stride": 4, "widths": (8, 8), "fc_features": (8,), "roi_size": 2, "dropout_rate": 0.0}
+  system = loc.build_system({"num_classes": C, "model": {"backbone_kw": kw, "detach_box": detach,
+                                                         "box_head_at": "conv",
+                                                         "box_fc_features": (8,)}})
+  net = system.extras["network"]
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  v = net.init(jax.random.PRNGKey(0), x)
+  g = jax.grad(lambda v: jnp.sum(net.apply(v, x)[1] ** 2))(v)["params"]   # box outputs only
+  backbone = [np.abs(np.asarray(a)).max() for a in jax.tree_util.tree_leaves((g["conv"], g["fc"]))]
+  assert (max(backbone) == 0.0) == detach
+  assert max(np.abs(np.asarray(a)).max() for a in jax.tree_util.tree_leaves(g["box_fc"])) > 0
+
+
 def test_config_errors():
   with pytest.raises(ValueError, match="unknown keys"):
     loc.build_system({"num_classes": C, "model": {"box_head": "fc"}})
