@@ -4,10 +4,13 @@ torchvision-composed Fast R-CNN of the same configuration when torch imports.
 
   python -m experiments.bench_fast_rcnn [--small] [--dtype bfloat16] [--proposals 2000]
       [--repeats R] [--train-steps N] [--out FILE.json]
+  python -m experiments.bench_fast_rcnn --workdir /tmp/frcn \
+      [--config experiments/configs/fast_rcnn.py:cpu]   # mAP of a trained run, +- SVD
 
 Full (default, for a GPU): VGG16 (conv5_3, stride 16), one 600 x 1000 image, 2000 proposals,
 C = 20, bfloat16 compute, SVD ranks (1024, 256) for fc6, fc7, as in the paper's table 4.
-`--small`: the cpu preset's network (tiny backbone, 128 x 128, 300 proposals, C = 6, float32).
+`--small`: the cpu preset's network (experiments/configs/fast_rcnn.py:cpu: tiny backbone,
+128 x 128, its selective-search capacity of proposals, C = 6, float32).
 
 What is timed (each figure the median of R calls after a warm-up, synchronised with
 `jax.block_until_ready`; parameters cast once to the compute dtype, as a deployed model):
@@ -78,11 +81,13 @@ def _random_boxes(rng: np.random.Generator, n: int, h: int, w: int, lo: float) -
 
 
 def settings(small: bool, dtype: str, proposals: int | None) -> dict[str, Any]:
-  if small:
-    model = {"backbone": "tiny", "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128),
-                                                 "fc_features": (256, 256), "roi_size": 4},
-             "num_classes": 6, "svd_ranks": (128, 64)}
-    return {"model": model, "size": (128, 128), "proposals": proposals or 300,
+  if small:   # the network of experiments/configs/fast_rcnn.py:cpu
+    from experiments.configs import fast_rcnn as fast_rcnn_config
+    cpu = fast_rcnn_config.get_config("cpu")
+    model = {"backbone": cpu.model.backbone, "backbone_kw": cpu.model.backbone_kw.to_dict(),
+             "num_classes": int(cpu.num_classes), "svd_ranks": tuple(cpu.model.svd_ranks)}
+    return {"model": model, "size": tuple(cpu.data.image_size),
+            "proposals": proposals or int(cpu.data.proposals.max_proposals),
             "dtype": dtype or "float32", "crop": 64}
   model = {"backbone": "vgg16", "backbone_kw": {}, "num_classes": 20,
            "svd_ranks": (1024, 256)}
@@ -234,6 +239,43 @@ def bench_torch(small: bool, batch, num_classes: int, steps: int) -> dict[str, A
   return {"step_s": dt, "images_per_s": b / dt, "device": dev, "torch": torch.__version__}
 
 
+def svd_map(config_path: str, workdir: str, ranks: tuple[int, ...] | None = None
+            ) -> dict[str, Any]:
+  """VOC07 mAP@0.5 / COCO AP of a trained run's latest checkpoint on its config's eval split,
+  with the plain fc layers and with their truncated SVD (the config's `svd_ranks`, or `ranks`).
+
+  Args:
+    config_path: "experiments/configs/fast_rcnn.py[:preset]" (the run's config).
+    workdir: the run's --workdir.
+  Returns:
+    {"svd_ranks", "plain": scores, "svd": scores, "fc_params": (plain, factored)}.
+  """
+  from jaxdet.train import loop, setup
+  from jaxdet.train.evaluate import evaluate_variables
+  path, _, preset = config_path.partition(":")
+  spec = importlib.util.spec_from_file_location("fast_rcnn_run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(preset or "cpu")
+  system = setup.system_from_config(config)
+  make_loader = setup.default_make_loader()
+
+  def loader():
+    return make_loader(config.data, config.eval.split, batch_size=int(config.eval.batch_size),
+                       seed=int(config.seed), train=False)
+
+  variables = loop.restore_for_inference(config, workdir, system,
+                                         setup.peek(loader())).variables
+  ranks = tuple(config.model.svd_ranks) if ranks is None else tuple(ranks)
+  factored = system.extras["truncated_svd"](variables, ranks)
+  count = lambda v: sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(  # noqa: E731
+      v["params"]["fc"]))
+  out = {"svd_ranks": ranks, "fc_params": (count(variables), count(factored))}
+  for name, v in (("plain", variables), ("svd", factored)):
+    out[name] = evaluate_variables(system.predict, v, loader(), system.num_classes)
+  return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--small", action="store_true")
@@ -244,7 +286,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--rcnn-chunk", type=int, default=100)
   ap.add_argument("--no-train", action="store_true")
   ap.add_argument("--out", default="")
+  ap.add_argument("--workdir", default="",
+                  help="a trained run: score its checkpoint with and without truncated SVD "
+                       "(--config) instead of timing")
+  ap.add_argument("--config", default="experiments/configs/fast_rcnn.py:cpu")
   args = ap.parse_args(argv)
+  if args.workdir:
+    report = svd_map(args.config, args.workdir)
+    for name in ("plain", "svd"):
+      m = report[name]
+      print(f"{name:6s} VOC07 mAP@0.5 {m['voc07_map']:.4f}  COCO AP {m['coco_AP']:.4f}  "
+            f"({int(m['num_images'])} images)")
+    print(f"svd ranks {report['svd_ranks']}: fc parameters {report['fc_params'][0]} -> "
+          f"{report['fc_params'][1]}")
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    return report
   s = settings(args.small, args.dtype, args.proposals)
   dtype = jnp.dtype(s["dtype"])
   c = s["model"]["num_classes"]

@@ -23,6 +23,8 @@ Multi-scale testing: --config.model.test_scales="(0.75, 1.0, 1.25)" (paper: shor
 480, 576, 688, 864, 1200 with ms_target_size 224).
 """
 
+import ml_collections
+
 from experiments.configs import common
 
 
@@ -32,12 +34,14 @@ def get_config(preset: str = "cpu"):
   config.system = "fast_rcnn"
   config.model = {
       "backbone": "tiny" if cpu else "vgg16",
-      "backbone_kw": ({"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
-                       "roi_size": 4} if cpu else {}),
+      # cpu: R-CNN's tiny backbone (experiments/configs/classify.py:cpu), stride 8
+      "backbone_kw": ({"stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128),
+                       "roi_size": 4, "dropout_rate": 0.3} if cpu else {}),
       "pretrained": "",
+      "init_from": "",
       "frozen": () if cpu else ("conv1_1", "conv1_2", "conv2_1", "conv2_2"),
       "dropout_rate": 0.5,
-      "proposals": "grid" if cpu else "batch",
+      "proposals": "batch",
       "grid": {"scales": (24.0, 40.0, 64.0), "ratios": (0.5, 1.0, 2.0), "stride": 8},
       "sampler": {"rois_per_image": 64, "fg_fraction": 0.25, "fg_iou": 0.5,
                   "bg_iou_high": 0.5, "bg_iou_low": 0.1, "add_gt": True},
@@ -49,7 +53,16 @@ def get_config(preset: str = "cpu"):
       "predict": {"score_threshold": 0.01, "iou_threshold": 0.3, "max_detections": 100,
                   "pre_nms_topk": 0},
   }
+  # selective search through the data pipeline (the same settings as R-CNN's presets)
+  config.data.proposals = ml_collections.ConfigDict({
+      "max_proposals": 256 if cpu else 2000,
+      "mode": "fast" if cpu else "quality",
+      "cache_root": "",            # "" = ~/.cache/jaxdet/proposals
+      "num_workers": 0,            # 0 = every core
+  })
   if cpu:
+    config.data.num_train = 192
+    config.data.num_test = 64
     config.train.batch_size = 8
     config.train.num_steps = 2000
     config.train.log_every = 100
