@@ -17,7 +17,7 @@ synchronised calls, compilation excluded). Test time with proposals adds selecti
 cv2.ximgproc does not import, that column says so. FLOPs per image: XLA's cost analysis of the
 compiled predict (R-CNN: of one chunk of regions through the network times the number of
 chunks, since XLA counts a loop body once); the fraction of peak divides the achieved FLOP/s by
-the device's dense bfloat16 peak (`experiments.bench_yolo.PEAK_FLOPS`).
+the device's dense bfloat16 peak (`experiments.benchlib.PEAK_FLOPS`).
 
 Where torch and torchvision import, the same pipelines built from torchvision are timed in the
 same run (bfloat16 autocast on CUDA, float32 on CPU): R-CNN = roi_align warp + vgg16; Fast
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_yolo
+from experiments import bench_yolo, benchlib
 
 # The papers' K40 figures (test seconds per image; R-CNN and Fast R-CNN with VGG16, Faster
 # R-CNN with VGG16 and its RPN), as the lecture shows them.
@@ -130,10 +129,6 @@ def _config(s: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
           "model": {"backbone": s["backbone"], "backbone_kw": dict(s["backbone_kw"]), **model}}
 
 
-def _time(fn: Callable, args: tuple, repeats: int) -> tuple[float, float]:
-  return bench_yolo.time_fn(fn, args, repeats)
-
-
 def _cast(variables: Any, dtype: str) -> Any:
   """Deployed weights: floating leaves in the compute dtype (the master copy is float32)."""
   return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
@@ -153,11 +148,12 @@ def _rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> dict[str, A
   variables["rcnn"] = rcnn.empty_stage_variables(system.num_classes, out["fc7"].shape[-1],
                                                  out["pool5"].shape[-1])
   variables = _cast(variables, s["dtype"])
-  compile_s, t = _time(jax.jit(system.predict), (variables, batch), repeats)
-  chunk = bench_yolo.xla_flops(lambda p, x: net.apply({"params": p}, x),
+  timing = benchlib.time_jax(jax.jit(system.predict), (variables, batch), repeats)
+  chunk = benchlib.xla_flops(lambda p, x: net.apply({"params": p}, x),
                                (variables["params"], regions))
   chunks = -(-s["proposals"] // int(m["chunk"]))
-  return {"test_s": t, "compile_s": compile_s, "flops": chunk * chunks if chunk else None}
+  return {"test_s": timing.median_s, "compile_s": timing.first_s,
+          "flops": chunk * chunks if chunk else None}
 
 
 def _fast_rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
@@ -170,9 +166,9 @@ def _fast_rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> list[d
     v = system.extras["truncated_svd"](variables) if svd else variables
     v = _cast(v, s["dtype"])
     predict = jax.jit(system.predict)
-    compile_s, t = _time(predict, (v, batch), repeats)
-    rows.append({"test_s": t, "compile_s": compile_s,
-                 "flops": bench_yolo.xla_flops(system.predict, (v, batch))})
+    timing = benchlib.time_jax(predict, (v, batch), repeats)
+    rows.append({"test_s": timing.median_s, "compile_s": timing.first_s,
+                 "flops": benchlib.xla_flops(system.predict, (v, batch))})
   return rows
 
 
@@ -186,9 +182,9 @@ def _faster_rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> dict
   system = faster_rcnn.build_system(config)
   images = {"image": batch["image"], "image_size": batch["image_size"]}
   variables = _cast(system.init(jax.random.key(0), images), s["dtype"])
-  compile_s, t = _time(jax.jit(system.predict), (variables, images), repeats)
-  return {"test_s": t, "compile_s": compile_s,
-          "flops": bench_yolo.xla_flops(system.predict, (variables, images))}
+  timing = benchlib.time_jax(jax.jit(system.predict), (variables, images), repeats)
+  return {"test_s": timing.median_s, "compile_s": timing.first_s,
+          "flops": benchlib.xla_flops(system.predict, (variables, images))}
 
 
 def _yolo(s: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -279,17 +275,8 @@ def torchvision_rows(s: dict[str, Any], batch: dict[str, Any], repeats: int
   def timed(fn) -> float:
     def call():
       with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
-        out = fn()
-      if dev.type == "cuda":
-        torch.cuda.synchronize()
-      return out
-    call()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      call()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return fn()
+    return benchlib.time_torch(torch, call, (), repeats).median_s
 
   return {"device": str(dev), "dtype": "bfloat16 autocast" if amp else "float32",
           "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -321,7 +308,7 @@ def run(size: str = "full", repeats: int | None = None, seed: int = 0) -> dict[s
   repeats = repeats or s["repeats"]
   batch = test_batch(s, seed)
   device = jax.devices()[0]
-  peak = bench_yolo.peak_flops(device, "bfloat16")
+  peak = benchlib.peak_flops(device, "bfloat16")
   ss = selective_search_seconds(np.asarray(batch["image"][0]), 3 if size == "full" else 1)
   measured: dict[str, Any] = {"rcnn": _safe("rcnn", lambda: _rcnn(s, batch, repeats))}
   fast = _safe("fast_rcnn", lambda: _fast_rcnn(s, batch, repeats))
@@ -362,9 +349,9 @@ def run(size: str = "full", repeats: int | None = None, seed: int = 0) -> dict[s
       row["speedup_with_proposals"] = ref["test_with_proposals_s"] / row["test_with_proposals_s"]
   return {"setting": size, "image": list(s["image"]), "backbone": s["backbone"],
           "proposals": s["proposals"], "dtype": s["dtype"], "repeats": repeats,
-          "device": f"{device.platform} ({getattr(device, 'device_kind', '')})",
-          "peak_bf16_tflops": peak / 1e12 if peak else None, "jax": jax.__version__,
-          "python": platform.python_version(), "selective_search": ss,
+          "device": benchlib.device_name(device),
+          "peak_bf16_tflops": peak / 1e12 if peak else None, **benchlib.versions(),
+          "selective_search": ss,
           "torchvision": torch_times, "rows": rows}
 
 

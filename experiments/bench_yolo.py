@@ -13,7 +13,7 @@ are cast to the compute dtype once, as a deployed model would be (the master cop
 FLOPs per image: counted analytically (2 per multiply-add of the conv and fc layers,
 `jaxdet.models.yolo.conv_flops`) and by XLA's cost analysis of the compiled network; the share
 of peak uses the analytic count and the device's dense peak for the compute dtype (a table by
-device kind below; unknown devices, and CPUs, just report FLOP/s).
+device kind in `experiments.benchlib`; unknown devices, and CPUs, just report FLOP/s).
 
 Full (default): the paper's network (24 conv + 2 fc, 448x448, S=7, B=2, C=20), bfloat16.
 `--small`: the CPU network of the cpu preset (7 conv, 128x128, S=7, B=2, C=6), float32, for a
@@ -25,32 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchlib
 from jaxdet.models import yolo
 from jaxdet.models.backbones import normalize_images
-
-# Dense (no sparsity) peak FLOP/s by device kind and compute dtype, from the vendors' sheets.
-PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 67e12},     # SXM
-    "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float32": 51e12},
-    "NVIDIA H100 NVL": {"bfloat16": 835e12, "float32": 60e12},
-    "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
-    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 19.5e12},
-    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 19.5e12},
-    "NVIDIA L4": {"bfloat16": 121e12, "float32": 30e12},
-    "TPU v4": {"bfloat16": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12},
-    "TPU v5": {"bfloat16": 459e12},
-}
 
 SETTINGS = {
     "full": dict(variant="paper", image=448, grid=7, boxes=2, classes=20, dtype="bfloat16",
@@ -58,41 +42,6 @@ SETTINGS = {
     "small": dict(variant="small", image=128, grid=7, boxes=2, classes=6, dtype="float32",
                   repeats=5),
 }
-
-
-def peak_flops(device: Any, dtype: str) -> float | None:
-  """The table's dense peak for this device and dtype; None when unknown (CPUs)."""
-  kind = getattr(device, "device_kind", "")
-  if kind in PEAK_FLOPS:
-    return PEAK_FLOPS[kind].get(dtype)
-  for name, peaks in PEAK_FLOPS.items():   # e.g. "NVIDIA H200 NVL" -> "NVIDIA H200"
-    if kind.startswith(name):
-      return peaks.get(dtype)
-  return None
-
-
-def time_fn(fn: Callable, args: tuple, repeats: int) -> tuple[float, float]:
-  """(compile + first call seconds, median seconds of `repeats` synchronised calls)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
-
-
-def xla_flops(fn: Callable, args: tuple) -> float | None:
-  """FLOPs of one call by XLA's cost analysis of the compiled function (None if unavailable)."""
-  try:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  except Exception:   # noqa: BLE001  (backends without cost analysis)
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def run(size: str = "full", batch_sizes: tuple[int, ...] = (1, 64), dtype: str | None = None,
@@ -112,7 +61,7 @@ def run(size: str = "full", batch_sizes: tuple[int, ...] = (1, 64), dtype: str |
   out_dim = s["grid"] ** 2 * (5 * s["boxes"] + s["classes"])
   flops_analytic = yolo.conv_flops(layers, s["image"], fc_dim, out_dim)
   device = jax.devices()[0]
-  peak = peak_flops(device, dtype)
+  peak = benchlib.peak_flops(device, dtype)
   rng = np.random.default_rng(seed)
 
   variables = None
@@ -126,9 +75,10 @@ def run(size: str = "full", batch_sizes: tuple[int, ...] = (1, 64), dtype: str |
       variables = jax.tree.map(lambda p: p.astype(dtype), variables)   # deployed weights
     predict = jax.jit(system.predict)
     network = jax.jit(lambda v, x: net.apply(v, normalize_images(x, dtype), train=False))
-    compile_s, t_all = time_fn(predict, (variables, batch), repeats)
-    _, t_net = time_fn(network, (variables, batch["image"]), repeats)
-    xla = xla_flops(network, (variables, batch["image"]))
+    timing = benchlib.time_jax(predict, (variables, batch), repeats)
+    compile_s, t_all = timing.first_s, timing.median_s
+    t_net = benchlib.time_jax(network, (variables, batch["image"]), repeats).median_s
+    xla = benchlib.xla_flops(network, (variables, batch["image"]))
     achieved = flops_analytic * b / t_all
     rows.append({
         "batch": b,
@@ -145,10 +95,9 @@ def run(size: str = "full", batch_sizes: tuple[int, ...] = (1, 64), dtype: str |
       "setting": size, "variant": s["variant"], "image": s["image"], "S": s["grid"],
       "B": s["boxes"], "C": s["classes"], "dtype": dtype, "repeats": repeats,
       "gflops_per_image_analytic": flops_analytic / 1e9,
-      "device": f"{device.platform} ({getattr(device, 'device_kind', '')}), "
-                f"{jax.device_count()} device(s)",
+      "device": f"{benchlib.device_name(device)}, {jax.device_count()} device(s)",
       "peak_tflops": peak / 1e12 if peak else None,
-      "jax": jax.__version__, "python": platform.python_version(),
+      **benchlib.versions(),
       "rows": rows,
   }
 
