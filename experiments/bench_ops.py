@@ -19,20 +19,15 @@ for a quick CPU run, `--tiny` is for the smoke test.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
-import os
-import platform
-import statistics
-import sys
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.benchlib import machine_info, time_jax, time_torch
 from jaxdet.ops.boxes import box_iou
 from jaxdet.ops.nms import nms
 
@@ -83,36 +78,24 @@ def random_rois(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 # --- timing -------------------------------------------------------------------------------------
 
-def time_jax(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, Any]:
-  """(median seconds per call, seconds of the first call minus the median, output)."""
-  args = jax.device_put(args)
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return median, max(first - median, 0.0), out
+def timed_jax(row: dict[str, Any], fn: Callable, args: tuple, repeats: int) -> Any:
+  """Times fn(*args) on device-placed args into row: "jax_s" the median seconds per call,
+  "compile_s" the first call's seconds minus the median; returns the output."""
+  t = time_jax(fn, jax.device_put(args), repeats)
+  row["jax_s"], row["compile_s"] = t.median_s, max(t.first_s - t.median_s, 0.0)
+  return t.out
 
 
-def time_torch(torch: Any, fn: Callable, args: tuple, repeats: int) -> tuple[float, Any]:
-  """(median seconds per call, output); CUDA synchronised around every call."""
-  sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def timed_torch(row: dict[str, Any], torch: Any, fn: Callable, args: tuple, repeats: int) -> Any:
+  """Times fn(*args) under torch.no_grad into row["torch_s"] (median seconds per call, CUDA
+  synchronised around every call); returns the output."""
   with torch.no_grad():
-    out = fn(*args)                                           # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-      sync()
-      start = time.perf_counter()
-      fn(*args)
-      sync()
-      times.append(time.perf_counter() - start)
-  return statistics.median(times), out
+    t = time_torch(torch, fn, args, repeats)
+  row["torch_s"] = t.median_s
+  return t.out
 
+
+# --- torchvision --------------------------------------------------------------------------------
 
 def import_torchvision() -> tuple[Any, Any]:
   try:
@@ -131,10 +114,10 @@ def bench_iou(rng, sizes, repeats, torch, tv, device):
     a = random_rois(rng, (n,))
     b = random_rois(rng, (m,))
     row = dict(op="box_iou", size=f"{n}x{m}", dtype="float32")
-    row["jax_s"], row["compile_s"], out = time_jax(jax.jit(box_iou), (a, b), repeats)
+    out = timed_jax(row, jax.jit(box_iou), (a, b), repeats)
     if tv is not None:
       ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
-      row["torch_s"], ref = time_torch(torch, tv.ops.box_iou, (ta, tb), repeats)
+      ref = timed_torch(row, torch, tv.ops.box_iou, (ta, tb), repeats)
       err = float(np.max(np.abs(np.asarray(out) - ref.cpu().numpy())))
       row["agree"] = f"max|diff| {err:.1e}"
       row["ok"] = err < 1e-5
@@ -150,13 +133,13 @@ def bench_nms(rng, sizes, repeats, torch, tv, device):
     fn = jax.jit(functools.partial(nms, iou_threshold=NMS_THRESHOLD, max_output=k))
     row = dict(op="nms", size=f"{n} boxes -> {'all' if max_output is None else k}",
                dtype="float32")
-    row["jax_s"], row["compile_s"], (idx, valid) = time_jax(fn, (boxes, scores), repeats)
+    idx, valid = timed_jax(row, fn, (boxes, scores), repeats)
     picks = np.asarray(idx)[np.asarray(valid)]
     row["picked"] = int(len(picks))
     if tv is not None:
       tb, ts = torch.from_numpy(boxes).to(device), torch.from_numpy(scores).to(device)
       tv_nms = functools.partial(tv.ops.nms, iou_threshold=NMS_THRESHOLD)
-      row["torch_s"], keep = time_torch(torch, tv_nms, (tb, ts), repeats)
+      keep = timed_torch(row, torch, tv_nms, (tb, ts), repeats)
       keep = keep.cpu().numpy()[:k]
       same = len(keep) == len(picks) and bool(np.all(keep == picks))
       row["agree"] = "same picks" if same else (
@@ -201,15 +184,14 @@ def bench_roi(rng, sizes, repeats, torch, tv, device):
                  size=f"{b}x{r} rois {o}x{o}, {fh}x{fw}x{c}", dtype=dtype)
       feats = jnp.asarray(features, getattr(jnp, dtype))
       fn = jax.jit(jax.vmap(op))
-      row["jax_s"], row["compile_s"], out = time_jax(fn, (feats, rois), repeats)
+      out = timed_jax(row, fn, (feats, rois), repeats)
       out = np.asarray(out.astype(jnp.float32)).reshape(b * r, o, o, c).transpose(0, 3, 1, 2)
       if tv is not None:
         t_op = getattr(tv.ops, name)
         call = functools.partial(t_op, output_size=(o, o), spatial_scale=SPATIAL_SCALE, **extra)
         t_feat = t_feat32.to(getattr(torch, dtype))
         try:
-          row["torch_s"], t_out = time_torch(torch, call, (t_feat, t_rois.to(t_feat.dtype)),
-                                             repeats)
+          t_out = timed_torch(row, torch, call, (t_feat, t_rois.to(t_feat.dtype)), repeats)
         except (RuntimeError, NotImplementedError) as e:      # e.g. a dtype the kernel does not support
           row["agree"] = f"torchvision: {str(e).splitlines()[0][:60]}"
           t_out = None
@@ -225,23 +207,6 @@ def bench_roi(rng, sizes, repeats, torch, tv, device):
 
 
 # --- report -------------------------------------------------------------------------------------
-
-def machine_info(torch: Any, tv: Any) -> dict[str, str]:
-  dev = jax.devices()[0]
-  info = {
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": f"{platform.node()} {platform.platform()} {platform.processor()}, "
-                 f"{os.cpu_count()} CPUs",
-      "jax": f"{jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '')})",
-      "python": sys.version.split()[0],
-  }
-  if torch is not None:
-    where = (f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu")
-    info["torch"] = f"torch {torch.__version__}, torchvision {tv.__version__} on {where}"
-  else:
-    info["torch"] = "not installed: no torchvision comparison"
-  return info
-
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   head = ["op", "size", "dtype", "jaxdet ms", "compile s", "torchvision ms", "jax/tv", "agreement"]
