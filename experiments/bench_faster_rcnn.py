@@ -36,12 +36,13 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchlib
 from jaxdet.models import faster_rcnn
 from jaxdet.train import optim, state as state_lib, step as step_lib
 
@@ -60,19 +61,6 @@ def model_config(size: str, dtype: str) -> dict[str, Any]:
   model = config.model.to_dict()
   model["num_classes"] = SETTINGS[size]["classes"]
   return {"model": model, "compute_dtype": dtype}
-
-
-def time_fn(fn: Callable, args: tuple, repeats: int) -> tuple[float, float]:
-  """(compile + first call seconds, median seconds of `repeats` synchronised calls)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
 
 
 def random_batch(rng: np.random.Generator, b: int, h: int, w: int, c: int,
@@ -101,15 +89,14 @@ def bench_jax(size: str, s: dict[str, Any], rng: np.random.Generator) -> dict[st
   for name, fn, args in (("conv", conv, (variables, one)),
                          ("proposals", propose, (variables, feats, one["image_size"])),
                          ("region", detect, (variables, feats, props, one["image_size"]))):
-    comp, t = time_fn(fn, args, repeats)
-    out[f"{name}_ms"] = 1e3 * t
+    out[f"{name}_ms"] = 1e3 * benchlib.time_jax(fn, args, repeats).median_s
   predict = jax.jit(system.predict)
-  comp, t = time_fn(predict, (variables, one), repeats)
-  out["predict_ms_per_image"] = 1e3 * t
-  out["predict_compile_s"] = comp
+  timing = benchlib.time_jax(predict, (variables, one), repeats)
+  out["predict_ms_per_image"] = 1e3 * timing.median_s
+  out["predict_compile_s"] = timing.first_s
   many = jax.device_put(random_batch(rng, s["batch"], h, w, c))
-  _, t = time_fn(predict, (variables, many), repeats)
-  out["infer_images_per_s"] = s["batch"] / t
+  out["infer_images_per_s"] = s["batch"] / benchlib.time_jax(predict, (variables, many),
+                                                             repeats).median_s
   tx, _ = optim.make_optimizer({"name": "sgd", "learning_rate": 1e-3, "momentum": 0.9,
                                 "weight_decay": 5e-4}, 1000, param_labels=system.param_labels)
   tb = jax.device_put(random_batch(rng, s["train_batch"], h, w, c))
@@ -171,7 +158,6 @@ def bench_torch(s: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] |
     return None
   model, device, torch = made
   h, w, c = s["height"], s["width"], s["classes"]
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   bf16 = s["dtype"] == "bfloat16"
   autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else (
       lambda: torch.autocast(device, enabled=False))
@@ -180,16 +166,7 @@ def bench_torch(s: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] |
     return [torch.rand(3, h, w, device=device) for _ in range(b)]
 
   def timed(fn, n):
-    fn()
-    sync()
-    times = []
-    for _ in range(n):
-      sync()
-      start = time.perf_counter()
-      fn()
-      sync()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return benchlib.time_torch(torch, fn, (), n).median_s
 
   out = {}
   model.eval()
@@ -223,7 +200,7 @@ def run(size: str = "full", *, batch: int | None = None, train_batch: int | None
     if value:
       s[key] = int(value)
   rng = np.random.default_rng(seed)
-  result = {"setting": size, **s, "device": str(jax.devices()[0].device_kind),
+  result = {"setting": size, **s, "device": benchlib.device_kind(),
             "platform": platform.platform(), "jaxdet": bench_jax(size, s, rng)}
   result["torchvision"] = bench_torch(s, rng) if use_torch else None
   return result
