@@ -5,7 +5,8 @@ torchvision-composed Fast R-CNN of the same configuration when torch imports.
   python -m experiments.bench_fast_rcnn [--small] [--dtype bfloat16] [--proposals 2000]
       [--repeats R] [--train-steps N] [--out FILE.json]
   python -m experiments.bench_fast_rcnn --workdir /tmp/frcn \
-      [--config experiments/configs/fast_rcnn.py:cpu]   # mAP of a trained run, +- SVD
+      [--config experiments/configs/fast_rcnn.py:cpu] [--set KEY=VALUE ...]
+      # VOC07 mAP of a trained run's checkpoint with and without truncated SVD
 
 Full (default, for a GPU): VGG16 (conv5_3, stride 16), one 600 x 1000 image, 2000 proposals,
 C = 20, bfloat16 compute, SVD ranks (1024, 256) for fc6, fc7, as in the paper's table 4.
@@ -239,14 +240,33 @@ def bench_torch(small: bool, batch, num_classes: int, steps: int) -> dict[str, A
   return {"step_s": dt, "images_per_s": b / dt, "device": dev, "torch": torch.__version__}
 
 
-def svd_map(config_path: str, workdir: str, ranks: tuple[int, ...] | None = None
-            ) -> dict[str, Any]:
+def _override(config: Any, assignment: str) -> None:
+  """Sets "a.b.c=value" on a config (value: a Python literal, else the string)."""
+  import ast
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise ValueError(f"--set: expected KEY=VALUE, got {assignment!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+
+
+def svd_map(config_path: str, workdir: str, ranks: tuple[int, ...] | None = None,
+            overrides: tuple[str, ...] = ()) -> dict[str, Any]:
   """VOC07 mAP@0.5 / COCO AP of a trained run's latest checkpoint on its config's eval split,
   with the plain fc layers and with their truncated SVD (the config's `svd_ranks`, or `ranks`).
 
   Args:
     config_path: "experiments/configs/fast_rcnn.py[:preset]" (the run's config).
     workdir: the run's --workdir.
+    overrides: "key=value" settings the run was trained with (e.g. "model.init_from=/tmp/cls",
+      "data.proposals.cache_root=/tmp/p").
   Returns:
     {"svd_ranks", "plain": scores, "svd": scores, "fc_params": (plain, factored)}.
   """
@@ -257,6 +277,8 @@ def svd_map(config_path: str, workdir: str, ranks: tuple[int, ...] | None = None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(preset or "cpu")
+  for assignment in overrides:
+    _override(config, assignment)
   system = setup.system_from_config(config)
   make_loader = setup.default_make_loader()
 
@@ -290,9 +312,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   help="a trained run: score its checkpoint with and without truncated SVD "
                        "(--config) instead of timing")
   ap.add_argument("--config", default="experiments/configs/fast_rcnn.py:cpu")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="with --workdir: a config setting the run was trained with")
+  ap.add_argument("--ranks", default="",
+                  help="with --workdir: SVD ranks of fc6, fc7, e.g. 32,16 (default: the config's)")
   args = ap.parse_args(argv)
   if args.workdir:
-    report = svd_map(args.config, args.workdir)
+    ranks = tuple(int(t) for t in args.ranks.split(",")) if args.ranks else None
+    report = svd_map(args.config, args.workdir, ranks, overrides=tuple(args.set))
     for name in ("plain", "svd"):
       m = report[name]
       print(f"{name:6s} VOC07 mAP@0.5 {m['voc07_map']:.4f}  COCO AP {m['coco_AP']:.4f}  "
