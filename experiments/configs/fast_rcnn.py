@@ -3,7 +3,8 @@ r"""Fast R-CNN (Girshick 2015): one conv pass, RoI max pooling, softmax + smooth
     python -m experiments.train --config experiments/configs/classify.py:cpu --workdir /tmp/cls
     python -m experiments.train --config experiments/configs/fast_rcnn.py:cpu --workdir /tmp/frcn \
         --config.model.init_from=/tmp/cls
-    python -m experiments.evaluate --config experiments/configs/fast_rcnn.py:cpu --workdir /tmp/frcn
+    python -m experiments.evaluate --config experiments/configs/fast_rcnn.py:cpu --workdir /tmp/frcn \
+        --config.model.init_from=/tmp/cls
     python -m experiments.train --config experiments/configs/fast_rcnn.py:paper \
         --workdir /tmp/frcn_voc --config.model.pretrained=/path/vgg16.pth
 
