@@ -16,30 +16,17 @@ Notes: both frameworks may use TF32 for float32 convolutions on NVIDIA GPUs (the
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchlib
 from jaxdet.models import backbones as bb
 from jaxdet.models import torch_weights as tw
 
 TORCHVISION = {"alexnet": "alexnet", "vgg16": "vgg16", "resnet50": "resnet50"}
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-
-
-def time_calls(fn, sync, iters: int) -> tuple[float, float]:
-  """(seconds of the first call, seconds per later call) of fn()."""
-  t0 = time.perf_counter()
-  sync(fn())
-  first = time.perf_counter() - t0
-  sync(fn())
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = fn()
-  sync(out)
-  return first, (time.perf_counter() - t0) / iters
 
 
 def bench_jax(name: str, dtype, x_nhwc: np.ndarray, iters: int, variables=None):
@@ -48,7 +35,7 @@ def bench_jax(name: str, dtype, x_nhwc: np.ndarray, iters: int, variables=None):
   if variables is None:
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
   fwd = jax.jit(model.apply)
-  first, step = time_calls(lambda: fwd(variables, x), jax.block_until_ready, iters)
+  first, step = benchlib.time_pipelined(lambda: fwd(variables, x), jax.block_until_ready, iters)
   return first, step, np.asarray(fwd(variables, x), np.float32)
 
 
@@ -72,12 +59,12 @@ def torch_net(name: str):
 
 def bench_torch(net, device, torch, x_nchw: np.ndarray, bf16: bool, iters: int):
   x = torch.from_numpy(x_nchw).to(device).contiguous(memory_format=torch.channels_last)
-  sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+  sync = benchlib.torch_sync(torch)
 
   def fwd():
     with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       return net(x)
-  first, step = time_calls(fwd, sync, iters)
+  first, step = benchlib.time_pipelined(fwd, lambda _: sync(), iters)
   return first, step, fwd().float().cpu().numpy()
 
 
@@ -93,7 +80,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   batch = args.batch or (1 if args.small else 64)
   iters = args.iters or (2 if args.small else 20)
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {batch}, "
+  print(f"jax {jax.__version__} on {benchlib.device_kind()}; batch {batch}, "
         f"{args.size}x{args.size}, {iters} timed steps")
   rng = np.random.default_rng(0)
   x_nchw = rng.normal(size=(batch, 3, args.size, args.size)).astype(np.float32)

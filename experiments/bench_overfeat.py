@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchlib
 from jaxdet.models import backbones, overfeat
-
-
-def _time(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))   # compile and warm up
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def main(argv=None) -> dict:
@@ -58,10 +48,10 @@ def main(argv=None) -> dict:
   explicit = jax.jit(lambda p, x, w: overfeat.explicit_windows(dense_net, p, x, w, window=window,
                                                                chunk=args.chunk))
   e = explicit(params, images, d["windows"])
-  t_dense = _time(dense, conv_params, images, reps=args.reps)
-  t_explicit = _time(explicit, params, images, d["windows"], reps=args.reps)
+  t_dense = benchlib.time_jax(dense, (conv_params, images), args.reps).best_s
+  t_explicit = benchlib.time_jax(explicit, (params, images, d["windows"]), args.reps).best_s
   result = {
-      "device": str(jax.devices()[0].device_kind), "image": args.image, "batch": args.batch,
+      "device": benchlib.device_kind(), "image": args.image, "batch": args.batch,
       "scales": list(scales), "window": window, "step": step,
       "windows_per_image": int(d["windows"].shape[0]),
       "dense_s_per_image": t_dense / args.batch,

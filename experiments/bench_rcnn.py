@@ -27,17 +27,6 @@ import time
 import numpy as np
 
 
-def _median_time(fn, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn())   # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def main(argv: list[str]) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--mode", choices=("small", "paper"), default="small")
@@ -47,6 +36,7 @@ def main(argv: list[str]) -> dict:
 
   import jax
   import jax.numpy as jnp
+  from experiments import benchlib
   from jaxdet.data import synthetic
   from jaxdet.models import backbones, rcnn
   from jaxdet.ops import box_coder, boxes as box_ops, crop_resize
@@ -120,13 +110,15 @@ def main(argv: list[str]) -> dict:
       score_threshold=float(pred["score_threshold"]), pre_nms_topk=int(pred["pre_nms_topk"]),
       mask=mask[0]))
 
-  r = args.repeats
+  def median_s(fn, *fn_args):
+    return benchlib.time_jax(fn, fn_args, args.repeats).median_s
+
   t = {"proposals_s": t_props,
-       "warp_s": _median_time(lambda: warp(img, rois, mask), r),
-       "cnn_s": _median_time(lambda: cnn(params, warped), r),
-       "svm_s": _median_time(lambda: svm(feats["fc7"]), r),
-       "regression_s": _median_time(lambda: regress(feats["pool5"], rois[0]), r),
-       "nms_s": _median_time(lambda: post(boxes, scores), r)}
+       "warp_s": median_s(warp, img, rois, mask),
+       "cnn_s": median_s(cnn, params, warped),
+       "svm_s": median_s(svm, feats["fc7"]),
+       "regression_s": median_s(regress, feats["pool5"], rois[0]),
+       "nms_s": median_s(post, boxes, scores)}
   out = {"mode": args.mode, "device": str(jax.devices()[0]), "image": [h, w],
          "proposals_capacity": p, "proposals_found": n_real, "selective_search": mode,
          "backbone": m["backbone"], "input_size": s, "dtype": jnp.dtype(dtype).name,
