@@ -39,33 +39,20 @@ import argparse
 import importlib.util
 import json
 import platform
-import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import benchlib
 from jaxdet.models import backbones, fast_rcnn
 from jaxdet.ops.crop_resize import crop_and_resize
 from jaxdet.train import state as state_lib
 from jaxdet.train import step as step_lib
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-  """(compile + first call seconds, median seconds of `repeats` calls)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -130,9 +117,9 @@ def bench_test(system, variables, batch, repeats: int, dtype) -> dict[str, float
                                         batch["proposal_mask"])),
                    ("fc", lambda: head(variables, pooled)),
                    ("total", lambda: predict(variables, batch))):
-    first, t = _time(fn, repeats)
-    out[name] = t
-    out[f"{name}_first_call"] = first
+    timing = benchlib.time_jax(fn, (), repeats)
+    out[name] = timing.median_s
+    out[f"{name}_first_call"] = timing.first_s
   return out
 
 
@@ -156,8 +143,8 @@ def bench_rcnn(parts, num_classes: int, batch, crop: int, chunk: int, repeats: i
       return jax.nn.softmax(clf.apply(v, crops).astype(jnp.float32), -1)
     return jax.lax.map(one, boxes.reshape(-1, chunk, 4)).reshape(-1, num_classes + 1)[:p]
 
-  first, t = _time(lambda: forward(v, image, boxes), repeats)
-  return {"total": t, "total_first_call": first, "chunk": chunk}
+  timing = benchlib.time_jax(forward, (v, image, boxes), repeats)
+  return {"total": timing.median_s, "total_first_call": timing.first_s, "chunk": chunk}
 
 
 def bench_train(system, batch, steps: int) -> dict[str, float]:
@@ -342,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   plain, svd = _cast(variables, dtype), _cast(svd_vars, dtype)
 
   report: dict[str, Any] = {
-      "device": jax.devices()[0].device_kind, "platform": platform.platform(),
+      "device": benchlib.device_kind(), "platform": platform.platform(),
       "backbone": s["model"]["backbone"], "image": s["size"], "proposals": s["proposals"],
       "dtype": s["dtype"], "svd_ranks": s["model"]["svd_ranks"],
       "rcnn_module_present": importlib.util.find_spec("jaxdet.models.rcnn") is not None}
