@@ -67,6 +67,9 @@ class Stage:
     variables: "module:function" (config, workdir, system, batch) -> the variables `predict`
       runs with after training; "" = the latest checkpoint (restore_for_inference).
     requires: further "module:function"s that must exist for the stage to run.
+    init_from: a folder under OUT/work holding a finished classification-pretraining run
+      whose conv and fc layers start this system (config.model.init_from); "" = none. The
+      lecture's region-based detectors start from a backbone pretrained for classification.
   """
   system: str
   title: str
@@ -74,6 +77,7 @@ class Stage:
   driver: str = ""
   variables: str = ""
   requires: tuple[str, ...] = ()
+  init_from: str = ""
 
 
 STAGES: tuple[Stage, ...] = (
@@ -84,7 +88,8 @@ STAGES: tuple[Stage, ...] = (
           variables="experiments.lecture8:rcnn_variables",
           requires=("experiments.rcnn_stages:finetuned_params",
                     "experiments.rcnn_stages:stage_variables")),
-    Stage("fast_rcnn", "Fast R-CNN", "selective_search"),
+    # R-CNN's driver pretrains the backbone in its workdir/pretrain; Fast R-CNN starts from it.
+    Stage("fast_rcnn", "Fast R-CNN", "selective_search", init_from="rcnn/pretrain"),
     Stage("faster_rcnn", "Faster R-CNN", "rpn"),
     Stage("yolo", "YOLO v1"),
 )
@@ -146,6 +151,14 @@ def stage_config(stage: Stage, out: str, fast: bool) -> Any:
   config = importlib.import_module(f"experiments.configs.{stage.system}").get_config("cpu")
   if config.data.get("proposals"):
     config.data.proposals.cache_root = os.path.abspath(os.path.join(out, "proposals"))
+  if stage.init_from:
+    source = os.path.abspath(os.path.join(out, "work", stage.init_from))
+    if not os.path.isdir(source):
+      raise FileNotFoundError(f"{stage.system}: starts from the pretrained backbone in {source}, "
+                              f"which does not exist: run the stage that makes it first (without "
+                              f"--only, or with --only {stage.init_from.split('/')[0]},"
+                              f"{stage.system})")
+    config.model.init_from = source
   if fast:
     config.train.num_steps = 2
     config.train.batch_size = 2
@@ -175,9 +188,10 @@ def cpu_seconds() -> float:
 
 def fingerprint(config: Any) -> str:
   """A short hash of the config (a finished stage is reused only for the same config); the
-  proposal cache's folder is left out, so that OUT can be moved."""
+  proposal cache's and the pretrained backbone's folders are left out, so that OUT can be moved."""
   d = config.to_dict() if hasattr(config, "to_dict") else json.loads(json.dumps(config))
   d.get("data", {}).get("proposals", {}).pop("cache_root", None)
+  d.get("model", {}).pop("init_from", None)
   return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
