@@ -129,7 +129,7 @@ def test_system_shapes_params_and_jit(head_at):
   assert {"conv", "fc", "cls_head", "box_head"} <= set(p)
   assert ("box_fc" in p) == (head_at == "conv")
   assert p["box_head"]["kernel"].shape == (32 if head_at == "fc" else 16, 2 * C * 4)
-  g = jax.jit(jax.grad(lambda v: system.loss(v, batch, jax.random.PRNGKey(1))[0]))(v)
+  g = jax.jit(jax.grad(lambda v, b: system.loss(v, b, jax.random.PRNGKey(1))[0]))(v, batch)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
   dets = jax.jit(system.predict)(v, batch)
   assert dets["boxes"].shape == (2, 2, 4) and dets["valid"].all()
