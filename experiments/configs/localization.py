@@ -9,6 +9,19 @@ Variants (overrides): --config.model.box_head_at=conv (box head after the last c
 (K boxes per image), --config.model.targets=points (K keypoints: the object centres).
 Reported: accuracy and the ILSVRC localization criterion (right class, IoU >= 0.5), besides
 VOC07 mAP of the one detection per image.
+
+cpu preset, the lecture's recipe in one run: the class loss trains the backbone; the box head
+(its own fc layer on the last conv features) trains on those features through a stop_gradient
+(detach_box), like a regression head attached to a classification network. With the box loss
+reaching the shared layers (detach_box=False) the class loss sat at chance (ln 6) for the first
+~800 steps (accuracy 0.61 after 1500 steps). Adam, lr 2e-3 with a linear warm-up over 100
+steps from 2e-4 (Adam's first steps are large while its moment estimates are young), cosine
+decay; 32768 synthetic training images (rendered on the fly, ~0.3 ms each), so no image is seen
+twice.
+Measured (1000 steps, batch 32, run alone on a 2-core machine loaded ~19 by other jobs):
+accuracy 0.980, localization accuracy (right class, IoU >= 0.5) 0.922, mean IoU 0.705,
+VOC07 mAP@0.5 0.892, COCO AP 0.400 on the 256 test images; training + evaluation process CPU
+time 81 s (user 79.3 + sys 2.1; wall 693 s under that load).
 """
 
 from experiments.configs import common
@@ -22,18 +35,21 @@ def get_config(preset: str = "cpu"):
         "backbone": "tiny",
         "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
                         "roi_size": 4, "dropout_rate": 0.3},
-        "num_slots": 1, "targets": "boxes", "per_class": False, "box_head_at": "fc",
-        "box_fc_features": (256,), "box_weight": 10.0, "detach_box": False,
+        "num_slots": 1, "targets": "boxes", "per_class": False, "box_head_at": "conv",
+        "box_fc_features": (256,), "box_weight": 10.0, "detach_box": True,
     }
     config.data.name = "synthetic_single"
+    config.data.num_train = 32768
     config.data.image_size = (64, 64)
     config.data.max_boxes = 4
-    config.train.num_steps = 1500
+    config.train.num_steps = 1000
     config.train.batch_size = 32
-    config.eval.every_steps = 500
+    config.eval.every_steps = 0        # each evaluation compiles predict: only the final one
     config.checkpoint.every_steps = 500
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 2e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.warmup_factor = 0.1
     config.optimizer.weight_decay = 1e-4
     config.optimizer.schedule = "cosine"
   else:
