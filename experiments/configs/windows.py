@@ -22,6 +22,7 @@ def model_config(preset: str) -> dict:
         "scales": (1.5, 1.0, 0.7, 0.5),   # 32 px windows see objects of 21..64 px
         "pos_iou": 0.5, "neg_iou": 0.3,
         "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 50,
+        "init_from": "",   # a finished classify run (same backbone): conv + fc start from it
     }
   return {
       "backbone": "overfeat_fast",
@@ -30,6 +31,7 @@ def model_config(preset: str) -> dict:
       "scales": (0.4, 0.55, 0.75, 1.0, 1.4),
       "pos_iou": 0.5, "neg_iou": 0.3,
       "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 100,
+      "init_from": "",
   }
 
 

@@ -37,6 +37,7 @@ from jaxdet.ops import windows as win
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.boxes import box_iou, clip_boxes
 from jaxdet.system import System
+from jaxdet.train import init_from
 
 Array = jax.Array
 
@@ -378,6 +379,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "pre_merge_topk": 128,         # overfeat: candidates entering the merge
     "merge_threshold": 0.6,        # overfeat: merge while match_score <= this
     "max_detections": 50,
+    "init_from": "",               # a finished classify run's workdir: conv + fc start from its
+                                   # latest checkpoint (jaxdet.train.init_from); "" = scratch
 }
 
 
@@ -409,9 +412,15 @@ def build(config: Any, *, mode: str) -> System:
   scales = tuple(float(s) for s in m["scales"])
 
   @jax.jit
+  def fresh(rng):
+    return dict(net.init({"params": rng}, jnp.zeros((1, window, window, 3), dtype), train=False))
+
   def init(rng, batch):
-    x = jnp.zeros((1, window, window, 3), dtype)
-    return dict(net.init({"params": rng}, x, train=False))
+    del batch
+    variables = fresh(rng)
+    if m["init_from"]:   # the lecture's recipe: a classification network, then fine-tuning
+      variables["params"] = init_from.load_into(variables["params"], str(m["init_from"]))
+    return variables
 
   def loss(variables, batch, rng):
     return window_loss(net, variables, batch, rng, window=window,
