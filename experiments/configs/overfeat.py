@@ -5,6 +5,13 @@ r"""OverFeat: dense multi-scale windows, per-class box regression and greedy box
 The window classifier of windows.py plus a box regressor (L2 on window-relative boxes); at test
 time the fc layers run as convolutions over each scale, every window's box is mapped back to the
 image, and boxes of the same class are merged (OverFeat section 4.3). Scored with VOC07 mAP.
+
+cpu preset, measured on the 256 synthetic test images (not yet at the lecture's 0.7): VOC07
+mAP@0.5 0.35, COCO AP 0.14 after 800 steps. The regressor stays coarse (training L2 of the
+window-relative box ~0.08: about 0.15 window sides per coordinate), and merging averages those
+boxes. Tried, not better: pos_iou 0.6 / neg_iou 0.4 with Adam warm-up and 65536 fresh images,
+1500 steps 0.32 (239 s process CPU); conv + fc from the classify preset (init_from), 800 steps
+0.22; at test, score_threshold 0.3 or merge_threshold 0.4 / 0.8 change mAP by < 0.03.
 """
 
 from experiments.configs import common
