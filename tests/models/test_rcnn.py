@@ -58,7 +58,10 @@ def test_ridge_matches_sklearn(rng):
 
 def test_hard_negative_mining_separates_and_agrees_with_liblinear(rng):
   c, n_img = 2, 40
-  centres = rng.normal(size=(c, 8)) * 3
+  # Class centres at distance 6 from the origin, where the negatives (unit normal) lie: the
+  # classes are separable with a margin whatever the draw (a random centre could land near 0).
+  centres = rng.normal(size=(c, 8))
+  centres *= 6.0 / np.linalg.norm(centres, axis=1, keepdims=True)
   fc7, ov, is_gt, gt_class = [], [], [], []
   for i in range(n_img):                       # per image: one gt, 30 proposals
     k = i % c
