@@ -33,7 +33,7 @@ fixed multi-scale grid of boxes (sliding windows: `grid.scales` x `grid.ratios` 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -362,6 +362,36 @@ def _frozen_labels(frozen: Sequence[str]):
   return labels if frozen else None
 
 
+def make_initializer(net: nn.Module, dtype: Any) -> Callable[[jax.Array, jax.Array], dict]:
+  """Jitted (rng, images u8[B, H, W, 3]) -> variables of a RoI network called as
+  net(x, rois f32[B, R, 4], roi_mask bool[B, R]) (Fast R-CNN's, and Faster R-CNN's subclass)."""
+  @jax.jit
+  def init(rng, images):
+    x = backbones.normalize_images(images, dtype)
+    rois = jnp.tile(jnp.asarray([[0.0, 0.0, 16.0, 16.0]]), (x.shape[0], 1, 1))
+    return dict(net.init({"params": rng}, x, rois, jnp.ones(rois.shape[:2], bool)))
+  return init
+
+
+def load_backbone_weights(variables: dict, cfg: Mapping[str, Any]) -> dict:
+  """Replaces the "conv" and "fc" params (and the backbone's other collections, e.g. ResNet's
+  batch_stats) by those of cfg["pretrained"] (a local torchvision state dict) and/or of the
+  finished classification run cfg["init_from"]; either may be empty."""
+  if cfg.get("pretrained"):
+    from jaxdet.models import torch_weights
+    loaded = torch_weights.load_torchvision_weights(cfg["backbone"], cfg["pretrained"],
+                                                    **dict(cfg["backbone_kw"]))
+    params = {**variables["params"], "conv": loaded["params"]["conv"],
+              "fc": loaded["params"]["fc"]}
+    variables = {**variables, **{k: v for k, v in loaded.items() if k != "params"},
+                 "params": params}
+  if cfg.get("init_from"):
+    from jaxdet.train import init_from
+    variables = {**variables,
+                 "params": init_from.load_into(variables["params"], str(cfg["init_from"]))}
+  return variables
+
+
 def build_system(config: Any) -> System:
   """The Fast R-CNN System from an experiment config.
 
@@ -406,27 +436,10 @@ def build_system(config: Any) -> System:
     checks.check_mask("batch['proposal_mask']", m, "batch['proposals']", p.shape[:2])
     return p.astype(jnp.float32), m
 
-  @jax.jit
-  def _init(rng, images):
-    x = backbones.normalize_images(images, dtype)
-    rois = jnp.tile(jnp.asarray([[0.0, 0.0, 16.0, 16.0]]), (x.shape[0], 1, 1))
-    return dict(net.init({"params": rng}, x, rois, jnp.ones(rois.shape[:2], bool)))
+  _init = make_initializer(net, dtype)
 
   def init(rng, batch):
-    variables = _init(rng, batch["image"])
-    if cfg["pretrained"]:
-      from jaxdet.models import torch_weights
-      loaded = torch_weights.load_torchvision_weights(cfg["backbone"], cfg["pretrained"],
-                                                      **dict(cfg["backbone_kw"]))
-      params = {**variables["params"], "conv": loaded["params"]["conv"],
-                "fc": loaded["params"]["fc"]}
-      variables = {**variables, **{k: v for k, v in loaded.items() if k != "params"},
-                   "params": params}
-    if cfg["init_from"]:
-      from jaxdet.train import init_from
-      variables = {**variables,
-                   "params": init_from.load_into(variables["params"], str(cfg["init_from"]))}
-    return variables
+    return load_backbone_weights(_init(rng, batch["image"]), cfg)
 
   def loss(variables, batch, rng):
     x = backbones.normalize_images(batch["image"], dtype)

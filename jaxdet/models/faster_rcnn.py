@@ -205,22 +205,13 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
   def anchors_of(features):
     return rpn_lib.feature_anchors(features, parts.stride, rpn_m)
 
-  @jax.jit
-  def _init(rng, images):
-    x = backbones.normalize_images(images, dtype)
-    rois = jnp.tile(jnp.asarray([[0.0, 0.0, 16.0, 16.0]]), (x.shape[0], 1, 1))
-    return dict(net.init({"params": rng}, x, rois, jnp.ones(rois.shape[:2], bool)))
+  _init = fast_rcnn.make_initializer(net, dtype)
 
   def init(rng, batch):
-    variables = _init(rng, batch["image"])
+    variables = fast_rcnn.load_backbone_weights(_init(rng, batch["image"]), cfg)
     params = dict(variables["params"])
-    if cfg["pretrained"]:
-      from jaxdet.models import torch_weights
-      loaded = torch_weights.load_torchvision_weights(cfg["backbone"], cfg["pretrained"],
-                                                      **dict(cfg["backbone_kw"]))
-      params.update(conv=loaded["params"]["conv"], fc=loaded["params"]["fc"])
-      if "proposal_conv" in params:
-        params["proposal_conv"] = loaded["params"]["conv"]
+    if cfg["pretrained"] and "proposal_conv" in params:
+      params["proposal_conv"] = params["conv"]
     if init_params is not None:
       for key, value in init_params.items():
         if key in params:

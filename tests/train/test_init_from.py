@@ -67,3 +67,28 @@ def test_missing_run_and_missing_part_are_errors(tmp_path):
   with pytest.raises(ValueError, match=r"conv\['v'\] is missing in the network"):
     init_from.copy_subtrees(params, {"conv": {"w": np.ones(2), "v": np.ones(2)},
                                      "fc": {"w": np.ones(2)}})
+
+
+def test_fast_rcnn_init_takes_conv_and_fc_from_the_run(tmp_path, rng):
+  """Fast R-CNN (and Faster R-CNN, through the same fast_rcnn.load_backbone_weights) start from
+  the classify run's conv and fc; their heads keep the fresh initialisation."""
+  from jaxdet.models import fast_rcnn
+  saved = _classify_run(tmp_path, rng)
+  batch = {"image": np.zeros((1, 16, 16, 3), np.uint8)}
+
+  def build(workdir):
+    return fast_rcnn.build_system({"num_classes": 3, "model": {
+        "backbone": "tiny", "backbone_kw": BACKBONE_KW, "proposals": "grid",
+        "init_from": workdir}})
+
+  key = jax.random.PRNGKey(1)
+  fresh = build("").init(key, batch)["params"]
+  loaded = build(str(tmp_path)).init(key, batch)["params"]
+  for part in ("conv", "fc"):
+    want = dict(jax.tree_util.tree_flatten_with_path(saved[part])[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(loaded[part])[0]:
+      np.testing.assert_array_equal(np.asarray(leaf), want[path])
+  others = set(fresh) - {"conv", "fc"}
+  assert others and set(loaded) == set(fresh)
+  for name in others:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded[name], fresh[name])
