@@ -44,6 +44,7 @@ from flax import traverse_util
 from jaxdet import checks
 from jaxdet import losses
 from jaxdet.models import backbones
+from jaxdet.models.settings import merge_settings
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
@@ -77,28 +78,11 @@ MODEL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(defaults: Mapping[str, Any], given: Any, where: str) -> dict[str, Any]:
-  """given (ConfigDict or dict) over defaults, recursively; unknown keys raise."""
-  given = dict(given.items()) if given is not None else {}
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(defaults)}")
-  out = {}
-  for key, default in defaults.items():
-    value = given.get(key, default)
-    if isinstance(default, dict) and key != "backbone_kw":
-      value = _merge(default, value, f"{where}.{key}")
-    elif key == "backbone_kw":
-      value = dict(value.items()) if value is not None else {}
-    out[key] = value
-  return out
-
-
 def model_config(config: Any) -> dict[str, Any]:
   """The model section of an experiment config over `MODEL_DEFAULTS` (a top-level
   `config.num_classes` wins over `config.model.num_classes`)."""
   model = config["model"] if "model" in config else {}
-  cfg = _merge(MODEL_DEFAULTS, model, "config.model")
+  cfg = merge_settings(MODEL_DEFAULTS, model, "config.model")
   if config.get("num_classes") is not None:
     cfg["num_classes"] = int(config["num_classes"])
   if cfg["proposals"] not in ("batch", "grid"):

@@ -39,6 +39,7 @@ from flax import traverse_util
 from jaxdet import checks
 from jaxdet import losses
 from jaxdet.models import backbones
+from jaxdet.models.settings import merge_settings
 from jaxdet.models import fast_rcnn
 from jaxdet.models import rpn as rpn_lib
 from jaxdet.ops import box_coder
@@ -71,7 +72,7 @@ MODEL_DEFAULTS["sampler"] = {**MODEL_DEFAULTS["sampler"], "rois_per_image": 128}
 def model_config(config: Any) -> dict[str, Any]:
   """config.model over `MODEL_DEFAULTS` (unknown keys raise); top-level num_classes wins."""
   model = config["model"] if "model" in config else {}
-  cfg = fast_rcnn._merge(MODEL_DEFAULTS, model, "config.model")   # noqa: SLF001 (shared rule)
+  cfg = merge_settings(MODEL_DEFAULTS, model, "config.model")
   if config.get("num_classes") is not None:
     cfg["num_classes"] = int(config["num_classes"])
   if cfg["stage"] not in STAGES:

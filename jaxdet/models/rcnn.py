@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxdet import checks, losses
 from jaxdet.models import backbones
+from jaxdet.models.settings import merge_settings
 from jaxdet.ops import box_coder, boxes as box_ops, crop_resize, matching, sampling
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
@@ -74,24 +75,11 @@ MODEL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-  out = {}
-  for k, v in defaults.items():
-    g = given.get(k, v) if hasattr(given, "get") else v
-    out[k] = _merge(v, g) if isinstance(v, dict) and k != "backbone_kw" else (
-        dict(g) if k == "backbone_kw" else g)
-  unknown = set(given) - set(defaults)
-  if unknown:
-    raise ValueError(f"config.model: unknown keys {sorted(unknown)}; known keys: "
-                     f"{sorted(defaults)}")
-  return out
-
-
 def model_config(config: Any) -> dict[str, Any]:
   """`config.model` merged over MODEL_DEFAULTS (a plain dict)."""
   given = config["model"] if "model" in config else {}
   given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-  return _merge(MODEL_DEFAULTS, given)
+  return merge_settings(MODEL_DEFAULTS, given, "config.model")
 
 
 # ----------------------------------------------------------------------------- network
