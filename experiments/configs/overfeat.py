@@ -26,6 +26,8 @@ def get_config(preset: str = "cpu"):
       "box_head": "per_class",     # "per_class" | "agnostic"
       "box_iou": 0.4,              # windows regressing a box: best IoU >= this
       "box_weight": 1.0,
+      "box_coding": "window",      # "window" (OverFeat's, L2) | "deltas" (R-CNN's, smooth L1)
+      "post_process": "merge",     # "merge" (OverFeat 4.3) | "nms" (per-class, iou_threshold)
       "pre_merge_topk": 128,
       "merge_threshold": 0.6,
       "score_threshold": 0.1,

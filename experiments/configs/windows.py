@@ -28,6 +28,8 @@ def model_config(preset: str) -> dict:
                         "roi_size": 4, "dropout_rate": 0.3},   # 32 px windows, step 8 px
         "num_windows": 16,
         "scales": (1.5, 1.0, 0.7, 0.5),   # 32 px windows see objects of 21..64 px
+        "aspect_ratios": (1.0,),          # window width / height, each at every scale
+        "jitter": 0.2,
         "pos_iou": 0.5, "neg_iou": 0.3,
         "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 50,
         "init_from": "",   # a finished classify run (same backbone): conv + fc start from it
@@ -37,6 +39,8 @@ def model_config(preset: str) -> dict:
       "backbone_kw": {},
       "num_windows": 32,
       "scales": (0.4, 0.55, 0.75, 1.0, 1.4),
+      "aspect_ratios": (1.0,),
+      "jitter": 0.2,
       "pos_iou": 0.5, "neg_iou": 0.3,
       "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 100,
       "init_from": "",

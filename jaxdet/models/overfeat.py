@@ -30,9 +30,11 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdet import checks, losses
 from jaxdet.models import backbones
+from jaxdet.ops import box_coder
 from jaxdet.ops import windows as win
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.boxes import box_iou, clip_boxes
@@ -118,13 +120,56 @@ def network_geometry(parts: backbones.BackboneParts) -> tuple[int, int]:
   return parts.stride * ((parts.roi_size - 1) * s + w - 2 * p), parts.stride * s
 
 
+# ----------------------------------------------------------------------------- box coding
+
+
+BOX_CODINGS = ("window", "deltas")
+DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)   # R-CNN's deltas / stds (0.1, 0.1, 0.2, 0.2)
+
+
+def _check_coding(box_coding: str) -> None:
+  if box_coding not in BOX_CODINGS:
+    raise ValueError(f"box_coding: expected one of {BOX_CODINGS}, got {box_coding!r}")
+
+
+def encode_window_boxes(boxes: Array, windows: Array, box_coding: str = "window") -> Array:
+  """Regression targets of boxes in their windows.
+
+  Args:
+    boxes: f32[..., 4] (x1, y1, x2, y2) pixels; windows: f32[..., 4] (broadcastable).
+    box_coding: "window": OverFeat's, each coordinate as a fraction of the window from its
+      top-left corner (`jaxdet.ops.windows.encode_in_window`, learnt with L2); "deltas":
+      R-CNN's (dx, dy, log dw, log dh) relative to the window, times DELTA_WEIGHTS
+      (`jaxdet.ops.box_coder.encode_boxes`, learnt with smooth L1).
+  Returns:
+    f32[..., 4] codes.
+  """
+  _check_coding(box_coding)
+  if box_coding == "window":
+    return win.encode_in_window(boxes, windows)
+  return box_coder.encode_boxes(boxes, windows, weights=DELTA_WEIGHTS)
+
+
+def decode_window_boxes(codes: Array, windows: Array, box_coding: str = "window") -> Array:
+  """Inverse of `encode_window_boxes`: codes f32[..., 4] -> boxes f32[..., 4] pixels."""
+  _check_coding(box_coding)
+  if box_coding == "window":
+    return win.decode_in_window(codes, windows)
+  return box_coder.decode_boxes(codes, windows, weights=DELTA_WEIGHTS)
+
+
 # ----------------------------------------------------------------------------- training windows
 
 
 def sample_windows(key: Array, gt_boxes: Array, gt_mask: Array, image_size: Array, *,
                    num_windows: int, min_side: float, object_fraction: float = 0.5,
-                   jitter: float = 0.2) -> Array:
-  """Square training windows for one image: around objects and uniformly at random.
+                   jitter: float = 0.2,
+                   aspect_range: tuple[float, float] = (1.0, 1.0)) -> Array:
+  """Training windows for one image: around objects and uniformly at random.
+
+  Square windows by default; with aspect_range (lo, hi) != (1, 1) rectangular ones, for the
+  anisotropic test scales (`jaxdet.ops.windows.window_scales`): each is cropped and warped to the
+  square network input, as R-CNN warps its regions.
 
   Args:
     key: PRNG key.
@@ -133,9 +178,13 @@ def sample_windows(key: Array, gt_boxes: Array, gt_mask: Array, image_size: Arra
     num_windows: S (static).
     min_side: the smallest window side of the random windows, pixels.
     object_fraction: the share of windows placed around a random real object (none if the image
-      has no object): side = longer object side * U(1, 1 + jitter) ... U(1 - jitter, 1 + 2 jitter)
-      and the centre moved by U(-jitter, jitter) * side.
+      has no object): square windows: side = longer object side * U(1 - jitter, 1 + 2 jitter);
+      rectangular ones: width and height = the object's, each times its own
+      U(1 - jitter, 1 + 2 jitter); the centre moved by U(-jitter, jitter) * (width, height).
     jitter: the relative jitter of object windows.
+    aspect_range: (lo, hi), the window width / height of the uniform windows is log-uniform in
+      [lo, hi] (their area that of a square of side U(min_side, min(H, W)), each side then
+      capped at the image's); lo = hi = 1: square windows everywhere (the object windows too).
   Returns:
     f32[S, 4] (x1, y1, x2, y2) pixels, inside the image (random ones) or around objects.
   """
@@ -144,24 +193,37 @@ def sample_windows(key: Array, gt_boxes: Array, gt_mask: Array, image_size: Arra
   h = image_size[0].astype(jnp.float32)
   w = image_size[1].astype(jnp.float32)
   k_obj, k_side, k_shift, k_rand, k_pos = jax.random.split(key, 5)
+  k_aspect = jax.random.fold_in(key, 1)
+  lo, hi = (float(a) for a in aspect_range)
+  checks.check_positive("aspect_range", (lo, hi))
+  if lo > hi:
+    raise ValueError(f"aspect_range: expected lo <= hi, got {aspect_range!r}")
+  square = lo == hi == 1.0
   s = num_windows
   # Around objects.
   logits = jnp.where(gt_mask, 0.0, -jnp.inf)
   pick = jax.random.categorical(k_obj, jnp.where(gt_mask.any(), logits, 0.0), shape=(s,))
   g = gt_boxes[pick].astype(jnp.float32)                                    # [S, 4]
   centre = 0.5 * (g[:, :2] + g[:, 2:])
-  side = jnp.max(g[:, 2:] - g[:, :2], axis=-1) * jax.random.uniform(
-      k_side, (s,), minval=1.0 - jitter, maxval=1.0 + 2 * jitter)
-  centre = centre + side[:, None] * jax.random.uniform(k_shift, (s, 2), minval=-jitter,
-                                                       maxval=jitter)
-  around = jnp.concatenate([centre - 0.5 * side[:, None], centre + 0.5 * side[:, None]], -1)
+  if square:
+    side = jnp.max(g[:, 2:] - g[:, :2], axis=-1) * jax.random.uniform(
+        k_side, (s,), minval=1.0 - jitter, maxval=1.0 + 2 * jitter)
+    size = jnp.stack([side, side], axis=-1)                                 # [S, 2] (w, h)
+  else:
+    size = (g[:, 2:] - g[:, :2]) * jax.random.uniform(
+        k_side, (s, 2), minval=1.0 - jitter, maxval=1.0 + 2 * jitter)       # [S, 2]
+  centre = centre + size * jax.random.uniform(k_shift, (s, 2), minval=-jitter, maxval=jitter)
+  around = jnp.concatenate([centre - 0.5 * size, centre + 0.5 * size], -1)
   # Uniform.
   max_side = jnp.maximum(jnp.minimum(h, w), min_side)
   rside = jax.random.uniform(k_rand, (s,), minval=min_side, maxval=max_side)
+  log_a = jax.random.uniform(k_aspect, (s,), minval=np.log(lo), maxval=np.log(hi))
+  rw = jnp.minimum(rside * jnp.exp(0.5 * log_a), w)                         # [S]
+  rh = jnp.minimum(rside * jnp.exp(-0.5 * log_a), h)
   u = jax.random.uniform(k_pos, (s, 2))
-  x1 = u[:, 0] * jnp.maximum(w - rside, 0.0)
-  y1 = u[:, 1] * jnp.maximum(h - rside, 0.0)
-  uniform = jnp.stack([x1, y1, x1 + rside, y1 + rside], axis=-1)
+  x1 = u[:, 0] * jnp.maximum(w - rw, 0.0)
+  y1 = u[:, 1] * jnp.maximum(h - rh, 0.0)
+  uniform = jnp.stack([x1, y1, x1 + rw, y1 + rh], axis=-1)
   use_obj = (jnp.arange(s) < round(object_fraction * s)) & gt_mask.any()
   return jnp.where(use_obj[:, None], around, uniform)
 
@@ -191,12 +253,15 @@ def label_windows(windows: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Ar
 def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng: Array, *,
                 window: int, num_windows: int, min_side: float, pos_iou: float,
                 neg_iou: float, box_iou_min: float, box_weight: float,
+                aspect_range: tuple[float, float] = (1.0, 1.0), jitter: float = 0.2,
+                box_coding: str = "window",
                 mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
   """The training loss of a dense-form `WindowNet` on sampled windows of a batch of images.
 
   loss = mean softmax CE over non-ignored windows + box_weight * mean over regression windows
-  of the summed squared error of the window-relative box (of the matched class for per-class
-  boxes).
+  of the coordinates' summed loss (of the matched class for per-class boxes): squared error of
+  the window-relative box (box_coding "window") or smooth L1 (beta 1) of the weighted deltas
+  ("deltas"). Windows: `sample_windows` (aspect_range, jitter).
 
   Returns:
     (loss f32[], metrics {"loss/class", "loss/box", "window_accuracy", "positive_fraction"},
@@ -205,7 +270,8 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   k_sample, k_drop = jax.random.split(rng)
   b = batch["image"].shape[0]
   keys = jax.random.split(k_sample, b)
-  sample = functools.partial(sample_windows, num_windows=num_windows, min_side=min_side)
+  sample = functools.partial(sample_windows, num_windows=num_windows, min_side=min_side,
+                             jitter=jitter, aspect_range=aspect_range)
   wins = jax.vmap(sample)(keys, batch["boxes"], batch["box_mask"], batch["image_size"])
   labelled = jax.vmap(functools.partial(
       label_windows, num_classes=net.num_classes, pos_iou=pos_iou, neg_iou=neg_iou))(
@@ -223,12 +289,15 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
              "positive_fraction": jnp.mean((labels >= 0) & (labels < net.num_classes))}
   total = ce
   if boxes is not None:
-    target = win.encode_in_window(labelled["matched"], wins).reshape(-1, 4)
+    target = encode_window_boxes(labelled["matched"], wins, box_coding).reshape(-1, 4)
     gt_cls = jnp.clip(labels, 0, net.num_classes - 1)
     group = gt_cls if boxes.shape[1] > 1 else jnp.zeros_like(gt_cls)
     pred = jnp.take_along_axis(boxes, group[:, None, None], axis=1)[:, 0]   # [N, 4]
     reg = labelled["iou"].reshape(-1) >= box_iou_min
-    per_window = jnp.sum(losses.l2(pred, target, reg[:, None]), axis=-1)
+    if box_coding == "window":
+      per_window = jnp.sum(losses.l2(pred, target, reg[:, None]), axis=-1)
+    else:
+      per_window = jnp.sum(losses.smooth_l1(pred, target, reg[:, None], beta=1.0), axis=-1)
     box_loss = losses.masked_mean(per_window, reg)
     metrics["loss/box"] = box_loss
     total = total + box_weight * box_loss
@@ -238,25 +307,29 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
 # ----------------------------------------------------------------------------- dense inference
 
 
-def resize_images(images: Array, scale: float) -> tuple[Array, tuple[float, float]]:
-  """Bilinear resize of u8/f[B, H, W, 3] by `scale` -> (f32[B, h, w, 3], (sy, sx) = h/H, w/W)."""
+def resize_images(images: Array, scale: Any) -> tuple[Array, tuple[float, float]]:
+  """Bilinear resize of u8/f[B, H, W, 3] by s or (sy, sx) -> (f32[B, h, w, 3], (h/H, w/W))."""
   b, h, w, c = images.shape
-  nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+  sy, sx = win.scale_pair("scale", scale)
+  nh, nw = max(1, int(round(h * sy))), max(1, int(round(w * sx)))
   x = images.astype(jnp.float32)
   if (nh, nw) != (h, w):
     x = jax.image.resize(x, (b, nh, nw, c), "linear", antialias=False)
   return x, (nh / h, nw / w)
 
 
-def dense_windows(conv_net: WindowNet, conv_params: Any, images: Array, scales: Sequence[float],
-                  *, window: int, step: int) -> dict[str, Array]:
+def dense_windows(conv_net: WindowNet, conv_params: Any, images: Array, scales: Sequence[Any],
+                  *, window: int, step: int, box_coding: str = "window") -> dict[str, Array]:
   """Class probabilities and boxes of every window at every scale, in image pixels.
 
   Args:
     conv_net: a `WindowNet` with as_conv=True; conv_params its variables (`to_conv_params`).
     images: u8[B, H, W, 3].
-    scales: resize factors (static); each needs the resized image >= window.
+    scales: resize factors s (square windows of side window / s) or pairs (sy, sx) (windows
+      window / sx wide, window / sy high: `jaxdet.ops.windows.window_scales`), static; each
+      needs the resized image >= window.
     window, step: `network_geometry` of the net.
+    box_coding: how the box head codes boxes (`decode_window_boxes`).
   Returns:
     {"windows": f32[N, 4] every window's box (N summed over scales, row-major per scale),
      "probs": f32[B, N, C + 1] softmax (background last),
@@ -276,7 +349,7 @@ def dense_windows(conv_net: WindowNet, conv_params: Any, images: Array, scales: 
     probs.append(jax.nn.softmax(logits, -1).reshape(b, h * w, -1))
     if codes is not None:
       codes = codes.reshape(b, h * w, codes.shape[-2], 4)
-      boxes.append(win.decode_in_window(codes, grid[None, :, None, :]))
+      boxes.append(decode_window_boxes(codes, grid[None, :, None, :], box_coding))
   out = {"windows": jnp.concatenate(wins, 0), "probs": jnp.concatenate(probs, 1)}
   if boxes:
     out["boxes"] = jnp.concatenate(boxes, 1)
@@ -284,13 +357,15 @@ def dense_windows(conv_net: WindowNet, conv_params: Any, images: Array, scales: 
 
 
 def explicit_windows(dense_net: WindowNet, params: Any, images: Array, windows: Array, *,
-                     window: int, chunk: int = 256) -> dict[str, Array]:
+                     window: int, chunk: int = 256,
+                     box_coding: str = "window") -> dict[str, Array]:
   """The brute-force counterpart of `dense_windows`: crop every window, run the dense-form net.
 
   Args:
     dense_net: a `WindowNet` with as_conv=False; params its variables.
     images: u8[B, H, W, 3]; windows: f32[N, 4] image boxes (e.g. `dense_windows`'s "windows").
-    window: the network input size; chunk: crops per forward pass.
+    window: the network input size; chunk: crops per forward pass; box_coding: as in
+      `dense_windows`.
   Returns:
     {"probs": f32[B, N, C + 1], "boxes": f32[B, N, G, 4] (absent without a box head)}.
   """
@@ -307,7 +382,7 @@ def explicit_windows(dense_net: WindowNet, params: Any, images: Array, windows: 
     probs = probs.reshape(-1, probs.shape[-1])[:n]
     if dense_net.box_groups:
       codes = codes.reshape(-1, *codes.shape[2:])[:n]
-      return probs, win.decode_in_window(codes, windows[:, None, :])
+      return probs, decode_window_boxes(codes, windows[:, None, :], box_coding)
     return probs, None
 
   probs, boxes = jax.lax.map(one_image, images)
@@ -321,8 +396,11 @@ def windows_detections(windows: Array, probs: Array, image_size: Array, *, iou_t
                        score_threshold: float, max_detections: int) -> dict[str, Array]:
   """The brute-force detector's post-processing for one image: window boxes, per-class NMS.
 
+  Also OverFeat's alternative to merging (post_process "nms"): its regressed boxes, per-class NMS.
+
   Args:
-    windows: f32[N, 4]; probs: f32[N, C + 1] (background last); image_size: i32[2].
+    windows: f32[N, 4] every window's box, or regressed boxes f32[N, C, 4] (one per class);
+    probs: f32[N, C + 1] (background last); image_size: i32[2].
   Returns:
     Detections of one image (boxes f32[K, 4] clipped to the image, scores, labels, valid).
   """
@@ -373,11 +451,18 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "num_windows": 16,             # training windows per image
     "pos_iou": 0.5, "neg_iou": 0.3, "box_iou": 0.4,
     "box_weight": 1.0,
+    "box_coding": "window",        # "window" (OverFeat's, L2) | "deltas" (R-CNN's, smooth L1)
+    "jitter": 0.2,                 # training windows around objects: relative size / shift jitter
     "scales": (1.5, 1.0, 0.7, 0.5),
+    "aspect_ratios": (1.0,),       # window width / height; scales x aspect ratios test windows
+                                   # (jaxdet.ops.windows.window_scales), trained on windows of
+                                   # these aspects (rectangular unless (1.0,))
     "score_threshold": 0.05,
     "iou_threshold": 0.3,          # windows: per-class NMS
     "pre_merge_topk": 128,         # overfeat: candidates entering the merge
     "merge_threshold": 0.6,        # overfeat: merge while match_score <= this
+    "post_process": "merge",       # overfeat: "merge" (the paper's) | "nms" (per-class NMS of
+                                   # the regressed boxes at iou_threshold)
     "max_detections": 50,
     "init_from": "",               # a finished classify run's workdir: conv + fc start from its
                                    # latest checkpoint (jaxdet.train.init_from); "" = scratch
@@ -409,7 +494,13 @@ def build(config: Any, *, mode: str) -> System:
     groups = {"per_class": c, "agnostic": 1, "none": 0}[m["box_head"]]
   net = make_network(parts, c, groups)
   conv_net = make_network(parts, c, groups, as_conv=True)
-  scales = tuple(float(s) for s in m["scales"])
+  _check_coding(m["box_coding"])
+  if m["post_process"] not in ("merge", "nms"):
+    raise ValueError(f"config.model.post_process: expected 'merge' or 'nms', got "
+                     f"{m['post_process']!r}")
+  aspects = tuple(float(a) for a in m["aspect_ratios"])
+  scales = win.window_scales(tuple(float(s) for s in m["scales"]), aspects)
+  aspect_range = (min(aspects), max(aspects))
 
   @jax.jit
   def fresh(rng):
@@ -424,20 +515,27 @@ def build(config: Any, *, mode: str) -> System:
 
   def loss(variables, batch, rng):
     return window_loss(net, variables, batch, rng, window=window,
-                       num_windows=int(m["num_windows"]), min_side=window / max(scales),
+                       num_windows=int(m["num_windows"]),
+                       min_side=window / max(max(p) for p in scales),
                        pos_iou=m["pos_iou"], neg_iou=m["neg_iou"], box_iou_min=m["box_iou"],
-                       box_weight=m["box_weight"])
+                       box_weight=m["box_weight"], aspect_range=aspect_range,
+                       jitter=float(m["jitter"]), box_coding=m["box_coding"])
 
   def predict(variables, batch):
     conv_vars = {**variables, "params": to_conv_params(variables["params"],
                                                        roi_size=parts.roi_size)}
-    dense = dense_windows(conv_net, conv_vars, batch["image"], scales, window=window, step=step)
+    dense = dense_windows(conv_net, conv_vars, batch["image"], scales, window=window, step=step,
+                          box_coding=m["box_coding"])
+    nms_post = functools.partial(windows_detections, iou_threshold=m["iou_threshold"],
+                                 score_threshold=m["score_threshold"],
+                                 max_detections=int(m["max_detections"]))
     if mode == "windows" or "boxes" not in dense:
-      post = functools.partial(windows_detections, dense["windows"],
-                               iou_threshold=m["iou_threshold"],
-                               score_threshold=m["score_threshold"],
-                               max_detections=int(m["max_detections"]))
-      return jax.vmap(post)(dense["probs"], batch["image_size"])
+      return jax.vmap(functools.partial(nms_post, dense["windows"]))(dense["probs"],
+                                                                      batch["image_size"])
+    if m["post_process"] == "nms":
+      boxes = dense["boxes"]
+      boxes = boxes[:, :, 0] if boxes.shape[2] == 1 else boxes              # [B, N, (C,) 4]
+      return jax.vmap(nms_post)(boxes, dense["probs"], batch["image_size"])
     post = functools.partial(overfeat_detections, pre_merge_topk=int(m["pre_merge_topk"]),
                              score_threshold=m["score_threshold"],
                              merge_threshold=m["merge_threshold"],

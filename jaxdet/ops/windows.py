@@ -9,6 +9,10 @@ image resized by (sy, sx) sees the window
 in the original image's pixels (`window_grid`), `step` being the network's output stride (for
 AlexNet-style nets conv stride x pool5 stride) and `window` its training input size.
 
+Rectangular windows come from anisotropic resizing: a map computed on an image resized by
+(sy, sx) sees windows of window / sx by window / sy pixels, aspect ratio (width / height) sy / sx
+(`window_scales` makes the (sy, sx) pairs of given window sizes and aspect ratios).
+
 Boxes regressed inside a window are coded relative to it (`encode_in_window`,
 `decode_in_window`): each coordinate as a fraction of the window size from its top-left
 corner, so a window's own box is (0, 0, 1, 1).
@@ -40,7 +44,8 @@ from jaxdet import checks
 from jaxdet.ops.boxes import box_iou
 
 
-def _pair(name: str, value: Any) -> tuple[Any, Any]:
+def scale_pair(name: str, value: Any) -> tuple[Any, Any]:
+  """A resize factor s or a pair (sy, sx) -> (sy, sx), each checked > 0."""
   values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
   if len(values) != 2:
     raise ValueError(f"{name}: expected a number or a pair, got {value!r}")
@@ -66,12 +71,34 @@ def window_grid(output_size: Sequence[int], step: int, window: int,
     raise ValueError(f"output_size: expected non-negative sizes, got {output_size!r}")
   checks.check_positive("step", step)
   checks.check_positive("window", window)
-  sy, sx = _pair("scale", scale)
+  sy, sx = scale_pair("scale", scale)
   ys = jnp.arange(h, dtype=jnp.float32) * (step / sy)
   xs = jnp.arange(w, dtype=jnp.float32) * (step / sx)
   y1 = jnp.broadcast_to(ys[:, None], (h, w)).reshape(-1)
   x1 = jnp.broadcast_to(xs[None, :], (h, w)).reshape(-1)
   return jnp.stack([x1, y1, x1 + window / sx, y1 + window / sy], axis=-1)
+
+
+def window_scales(sizes: Sequence[float], aspect_ratios: Sequence[float] = (1.0,)
+                  ) -> tuple[tuple[float, float], ...]:
+  """The (sy, sx) resize factors giving windows of each size and aspect ratio (size-major).
+
+  A window of the network's input side `window`, on an image resized by (sy, sx), is
+  window / sx wide and window / sy high in the original image. For size factor s and aspect
+  ratio a (width / height): sy = s * sqrt(a), sx = s / sqrt(a), so the window's area is that of
+  the square window of scale s and its width / height is a.
+
+  Args:
+    sizes: resize factors s > 0 (the square windows' scales).
+    aspect_ratios: window width / height, each > 0.
+  Returns:
+    len(sizes) * len(aspect_ratios) pairs (sy, sx) of Python floats.
+  """
+  sizes, aspect_ratios = tuple(sizes), tuple(aspect_ratios)
+  checks.check_positive("sizes", sizes)
+  checks.check_positive("aspect_ratios", aspect_ratios)
+  return tuple((float(s * np.sqrt(a)), float(s / np.sqrt(a)))
+               for s in sizes for a in aspect_ratios)
 
 
 def _window_origin_size(windows: jax.Array) -> tuple[jax.Array, jax.Array]:

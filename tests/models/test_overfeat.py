@@ -108,6 +108,59 @@ def test_explicit_windows_match_dense_where_crops_are_exact(rng):
   np.testing.assert_allclose(np.asarray(e["probs"]).sum(-1), 1.0, rtol=1e-5)
 
 
+def test_anisotropic_scale_dense_equals_explicit_rectangular_crops(rng):
+  """A scale (sy, sx) makes the dense map's windows rectangular (window / sx by window / sy);
+  each cell equals the dense-form net on the explicit crop of its window warped to the square
+  input. Exact here: unpadded patchify convs (a crop's features are a slice of the image's)
+  and an affine image (bilinear resizing and RoI-align sampling both reproduce it inside)."""
+  convs = ((6, 2, 2, 0, None), (8, 2, 2, 0, None))                       # stride 4, no padding
+  parts = backbones.get_backbone("alexnet", convs=convs, pool5=(1, 1, 0), fc_features=(12,),
+                                 roi_size=3, dropout_rate=0.0)
+  window, step = overfeat.network_geometry(parts)
+  assert (window, step) == (12, 4)
+  dense = overfeat.make_network(parts, C, C)
+  conv = overfeat.make_network(parts, C, C, as_conv=True)
+  params = dense.init(jax.random.PRNGKey(2), jnp.zeros((1, window, window, 3)))
+  conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
+  yy, xx = np.mgrid[0:40, 0:48].astype(np.float64)
+  image = np.stack([2 * xx + 3, 3 * yy + 5, 100 + xx - yy], -1)          # affine, 3..239
+  images = jnp.asarray(image[None], jnp.uint8)
+  scale = (0.75, 0.5)                                                     # (sy, sx), shrinking
+  for coding in ("window", "deltas"):
+    d = overfeat.dense_windows(conv, conv_params, images, (scale,), window=window, step=step,
+                               box_coding=coding)
+    wins = np.asarray(d["windows"], np.float64)
+    np.testing.assert_allclose(wins[:, 2] - wins[:, 0], window / scale[1], rtol=1e-6)
+    np.testing.assert_allclose(wins[:, 3] - wins[:, 1], window / scale[0], rtol=1e-6)
+    e = overfeat.explicit_windows(dense, params, images, d["windows"], window=window, chunk=8,
+                                  box_coding=coding)
+    # RoI align clamps samples above the first row / left of the first column (not affine).
+    inner = (wins[:, 0] >= 1) & (wins[:, 1] >= 1)
+    assert inner.sum() >= 6
+    np.testing.assert_allclose(e["probs"][:, inner], d["probs"][:, inner], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(e["boxes"][:, inner], d["boxes"][:, inner], rtol=1e-4, atol=1e-3)
+
+
+def test_box_codings_against_reference(rng):
+  """"window": fractions of the window; "deltas": R-CNN's, times (10, 10, 5, 5); both invert."""
+  wins = np.concatenate([rng.uniform(0, 50, (16, 2)), rng.uniform(0, 50, (16, 2)) + 60], 1)
+  wh = wins[:, 2:] - wins[:, :2]
+  boxes = np.concatenate([wins[:, :2] + rng.uniform(-5, 5, (16, 2)),
+                          wins[:, 2:] + rng.uniform(-5, 5, (16, 2))], 1)
+  bwh = boxes[:, 2:] - boxes[:, :2]
+  want = {"window": (boxes - np.tile(wins[:, :2], 2)) / np.tile(wh, 2),
+          "deltas": np.concatenate([10 * ((boxes[:, :2] + bwh / 2) - (wins[:, :2] + wh / 2)) / wh,
+                                    5 * np.log(bwh / wh)], 1)}
+  for coding, ref in want.items():
+    codes = overfeat.encode_window_boxes(jnp.asarray(boxes, jnp.float32),
+                                         jnp.asarray(wins, jnp.float32), coding)
+    np.testing.assert_allclose(codes, ref, rtol=1e-4, atol=1e-4)
+    back = overfeat.decode_window_boxes(codes, jnp.asarray(wins, jnp.float32), coding)
+    np.testing.assert_allclose(back, boxes, rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="box_coding"):
+    overfeat.encode_window_boxes(jnp.zeros((1, 4)), jnp.ones((1, 4)), "corners")
+
+
 def _label64(windows, gt, labels, mask, c, pos, neg):
   out = []
   for w in windows:
@@ -150,6 +203,36 @@ def test_training_windows(rng):
                                num_classes=C, pos_iou=0.5, neg_iou=0.3)
   np.testing.assert_array_equal(lab["labels"], C)
   assert (np.asarray(empty)[:, 2] <= 96 + 1e-3).all()
+
+
+def test_rectangular_training_windows(rng):
+  """aspect_range: uniform windows of log-uniform aspect, object windows follow the object's
+  own width and height (each jittered by U(1 - j, 1 + 2 j), centre by U(-j, j))."""
+  gt = np.array([[10, 12, 40, 72], [60, 60, 120, 90]], np.float32)       # aspects 0.5 and 2
+  mask = np.array([True, True])
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  wins = np.asarray(overfeat.sample_windows(
+      key, jnp.asarray(gt), jnp.asarray(mask), jnp.array([128, 128]), num_windows=64,
+      min_side=20.0, jitter=0.2, aspect_range=(0.5, 2.0)), np.float64)
+  size = wins[:, 2:] - wins[:, :2]
+  aspect = size[:, 0] / size[:, 1]
+  obj, uni = slice(0, 32), slice(32, 64)
+  assert ((aspect[uni] >= 0.5 - 1e-4) & (aspect[uni] <= 2.0 + 1e-4)).all()
+  assert aspect[uni].min() < 0.8 and aspect[uni].max() > 1.25              # not all square
+  assert (wins[uni, :2] >= -1e-3).all() and (wins[uni, 2:] <= 128 + 1e-3).all()
+  assert (np.sqrt(size[uni].prod(1)) >= 20 / 2 ** 0.25 - 1e-3).all()    # sides capped
+  # Each object window is within the jitter of one of the two objects (sizes and centre).
+  g = gt.astype(np.float64)
+  gs, gc = g[:, 2:] - g[:, :2], (g[:, :2] + g[:, 2:]) / 2
+  for w, s in zip(wins[obj], size[obj]):
+    ratio = s[None] / gs                                                 # [2, 2]
+    shift = ((w[:2] + w[2:]) / 2 - gc) / s[None]
+    ok = ((ratio >= 0.8 - 1e-4) & (ratio <= 1.4 + 1e-4)).all(1) & (np.abs(shift) <= 0.2 + 1e-4
+                                                                     ).all(1)
+    assert ok.any(), (w, ratio, shift)
+  with pytest.raises(ValueError, match="aspect_range"):
+    overfeat.sample_windows(key, jnp.asarray(gt), jnp.asarray(mask), jnp.array([128, 128]),
+                            num_windows=4, min_side=20.0, aspect_range=(2.0, 0.5))
 
 
 def test_system_loss_and_predict():

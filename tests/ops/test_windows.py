@@ -69,6 +69,22 @@ def test_window_grid_against_loop(rng):
   assert got.dtype == np.float32
 
 
+def test_window_scales_give_windows_of_each_size_and_aspect():
+  sizes, aspects, window = (1.5, 0.5), (0.5, 1.0, 2.0), 32
+  pairs = win.window_scales(sizes, aspects)
+  assert len(pairs) == 6 and all(isinstance(v, float) for p in pairs for v in p)
+  for k, (sy, sx) in enumerate(pairs):
+    s, a = sizes[k // 3], aspects[k % 3]                                  # size-major
+    box = np.asarray(win.window_grid((1, 1), 8, window, (sy, sx)), np.float64)[0]
+    w, h = box[2] - box[0], box[3] - box[1]
+    np.testing.assert_allclose([w / h, w * h], [a, (window / s) ** 2], rtol=1e-6)
+  assert win.window_scales((0.7,)) == ((0.7, 0.7),)
+  with pytest.raises(ValueError, match="aspect_ratios"):
+    win.window_scales((1.0,), (1.0, 0.0))
+  with pytest.raises(TypeError, match="sizes"):
+    win.window_scales(("1",))
+
+
 def test_window_coding_round_trip_and_reference(rng):
   windows = np.concatenate([rng.uniform(0, 50, (7, 2)), rng.uniform(60, 120, (7, 2))], 1)
   boxes = rng.uniform(-10, 130, (7, 4)).astype(np.float32)
