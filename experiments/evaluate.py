@@ -10,6 +10,7 @@ function (compilation excluded) over `config.eval.split`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from experiments.configs import common
@@ -24,11 +25,18 @@ def main(argv: list[str]) -> dict:
   config, flags = common.parse_flags(argv, define_flags)
   if not flags.workdir:
     raise ValueError("--workdir: expected the training run's directory")
+  workdir = flags.workdir
   if config.system == "rcnn":   # SVMs and box regressors live beside the checkpoints
     from experiments.rcnn_stages import evaluate
   else:
     from jaxdet.train.loop import evaluate
-  scores = evaluate(config, flags.workdir)
+  if config.system == "faster_rcnn":   # 4-step training: the detector is its last step's
+    from jaxdet.models import faster_rcnn
+    stage, sub = faster_rcnn.final_stage(config)
+    config.model.stage, workdir = stage, os.path.join(workdir, sub)
+    if sub:
+      config.model.alternating_steps = ()   # as train_alternating trained that step
+  scores = evaluate(config, workdir)
   print(json.dumps(scores))
   return scores
 

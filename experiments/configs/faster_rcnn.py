@@ -2,10 +2,12 @@ r"""Faster R-CNN (Ren et al. 2015): a Region Proposal Network on the shared conv
 
   python -m experiments.train --config experiments/configs/faster_rcnn.py:cpu --workdir /tmp/frcnn
   python -m experiments.train --config experiments/configs/faster_rcnn.py:paper --workdir /tmp/frcnn_voc
-  # 4-step alternating training instead of approximate joint training (each step resumable,
-  # in /tmp/frcnn_alt/<stage>):
-  python -c "from experiments.configs import faster_rcnn as c; from jaxdet.models import \
-      faster_rcnn as f; print(f.train_alternating(c.get_config('cpu'), '/tmp/frcnn_alt'))"
+  # the paper's 4-step alternating training instead of approximate joint training (each
+  # step resumable, in /tmp/frcnn_alt/<step>; evaluate reads the last step's folder):
+  python -m experiments.train --config experiments/configs/faster_rcnn.py:cpu \
+      --workdir /tmp/frcnn_alt --config.model.stage=alternating
+  python -m experiments.evaluate --config experiments/configs/faster_rcnn.py:cpu \
+      --workdir /tmp/frcnn_alt --config.model.stage=alternating
 
 Presets:
   cpu:   the tiny backbone at stride 8 on the 128 x 128 synthetic shapes, anchors scaled to the
@@ -19,9 +21,10 @@ Presets:
          weight decay 5e-4, lr 1e-3 for 50k steps then 1e-4 for 20k (VOC 2007 trainval,
          the py-faster-rcnn end-to-end schedule), bfloat16.
 
-Stages (config.model.stage): "joint" (approximate joint training, the default) or one step of
-the 4-step alternating training, "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn";
-`jaxdet.models.faster_rcnn.train_alternating` runs the four in sequence, each resumable.
+Stages (config.model.stage): "joint" (approximate joint training, the default),
+"alternating" (the 4-step alternating training: `jaxdet.models.faster_rcnn.train_alternating`
+runs the steps in sequence, each resumable, with `model.alternating_steps` steps each), or one
+step of it alone, "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn".
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ def get_config(preset: str = "cpu"):
   config.system = "faster_rcnn"
   config.model = {
       "num_classes": config.num_classes,
-      "stage": "joint",
+      "stage": "joint",              # "alternating": the paper's 4-step training instead
+      # steps 1-4 of "alternating" (paper: py-faster-rcnn's alt_opt VOC schedule)
+      "alternating_steps": (600, 600, 300, 300) if cpu else (80_000, 40_000, 80_000, 40_000),
       "backbone": "tiny" if cpu else "vgg16",
       "backbone_kw": {"stride": 8, "widths": (32, 64, 96, 128),
                       "fc_features": (256, 256), "roi_size": 4} if cpu else {},

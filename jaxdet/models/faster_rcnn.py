@@ -25,6 +25,7 @@ Classes: as Fast R-CNN (background is softmax class 0 internally; detections car
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -51,13 +52,18 @@ Array = jax.Array
 log = logging.getLogger(__name__)
 
 STAGES = ("joint", "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn")
+# config.model.stage naming the whole 4-step schedule (run by `train_alternating`); the
+# detector it leaves is the network of its last step.
+ALTERNATING = "alternating"
 
 _FAST_KEYS = ("num_classes", "backbone", "backbone_kw", "pretrained", "frozen", "dropout_rate",
               "sampler", "box_stds", "loss", "svd_ranks", "predict")
 
 MODEL_DEFAULTS: dict[str, Any] = {
     **{k: fast_rcnn.MODEL_DEFAULTS[k] for k in _FAST_KEYS},
-    "stage": "joint",                     # one of STAGES
+    "stage": "joint",                     # one of STAGES, or ALTERNATING (all four steps)
+    "alternating_steps": (),              # ALTERNATING: training steps of the 4 steps in
+                                          # order; () = config.train.num_steps each
     "rpn_channels": 512,                  # the RPN's 3x3 conv (VGG16: 512)
     "anchor_scales": (128.0, 256.0, 512.0),
     "anchor_ratios": (0.5, 1.0, 2.0),
@@ -75,9 +81,22 @@ def model_config(config: Any) -> dict[str, Any]:
   cfg = merge_settings(MODEL_DEFAULTS, model, "config.model")
   if config.get("num_classes") is not None:
     cfg["num_classes"] = int(config["num_classes"])
-  if cfg["stage"] not in STAGES:
-    raise ValueError(f"config.model.stage: expected one of {STAGES}, got {cfg['stage']!r}")
+  if cfg["stage"] not in STAGES + (ALTERNATING,):
+    raise ValueError(f"config.model.stage: expected one of {STAGES + (ALTERNATING,)}, "
+                     f"got {cfg['stage']!r}")
+  steps = tuple(cfg["alternating_steps"])
+  if steps and (len(steps) != len(STAGES) - 1 or not all(
+      isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps)):
+    raise ValueError(f"config.model.alternating_steps: expected () or {len(STAGES) - 1} "
+                     f"positive ints (steps of {STAGES[1:]}), got {cfg['alternating_steps']!r}")
   return cfg
+
+
+def final_stage(config: Any) -> tuple[str, str]:
+  """(stage, subfolder) of the network a run of `config` leaves: the last step and its folder
+  for ALTERNATING, else config.model.stage and "" (the workdir itself)."""
+  stage = model_config(config)["stage"]
+  return (STAGES[-1], STAGES[-1]) if stage == ALTERNATING else (stage, "")
 
 
 class FasterRCNNNet(fast_rcnn.FastRCNNNet):
@@ -183,6 +202,10 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
     "conv" / "propose" / "detect" (the three parts of `predict`, for timing), "stage".
   """
   cfg = model_config(config)
+  if cfg["stage"] == ALTERNATING:
+    raise ValueError(f"config.model.stage: {ALTERNATING!r} names the 4-step schedule "
+                     f"(train_alternating, or experiments.train), not one network; build one "
+                     f"of {STAGES}")
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
   net, parts = make_network(cfg, dtype)
   c, stage = int(cfg["num_classes"]), cfg["stage"]
@@ -329,7 +352,8 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
   """The paper's 4-step alternating training, each step in workdir/<stage>, each resumable.
 
   Step i trains with `config.model.stage` = the i-th of STAGES[1:] for `steps[stage]` steps
-  (default: config.train.num_steps each) through `jaxdet.train.train_and_evaluate`, so an
+  (default: config.model.alternating_steps, then config.train.num_steps; the optimizer's
+  warm-up and decay boundaries scale by steps[stage] / config.train.num_steps) through `jaxdet.train.train_and_evaluate`, so an
   interrupted step resumes from its own checkpoints and a finished one (its eval.json at the
   last step) is not run again; its final parameters are read back from its checkpoint.
 
@@ -339,14 +363,21 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
   import copy
   from jaxdet.train import loop, setup
 
+  if steps is None:
+    steps = dict(zip(STAGES[1:], model_config(config)["alternating_steps"]))
   done: dict[str, Any] = {}
   results: dict[str, Any] = {}
   for stage in STAGES[1:]:
     cfg = copy.deepcopy(config)
-    with cfg.unlocked() if hasattr(cfg, "unlocked") else _nullcontext():
+    with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
       cfg.model.stage = stage
-      if steps is not None and stage in steps:
+      cfg.model.alternating_steps = ()   # one step's network: no schedule in its fingerprint
+      if stage in steps:   # the schedule's boundaries scale with the step's length
+        ratio = int(steps[stage]) / int(cfg.train.num_steps)
         cfg.train.num_steps = int(steps[stage])
+        cfg.optimizer.decay_steps = tuple(int(round(d * ratio))
+                                          for d in cfg.optimizer.decay_steps)
+        cfg.optimizer.warmup_steps = int(round(cfg.optimizer.warmup_steps * ratio))
     system = build_system(cfg, init_params=_stage_init(stage, done))
     stage_dir = os.path.join(workdir, stage)
     eval_path = os.path.join(stage_dir, "eval.json")
@@ -369,11 +400,3 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
     done[stage] = jax.device_get(state.params)
     results[stage] = metrics
   return results
-
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False

@@ -114,3 +114,62 @@ def test_config_errors_name_the_key():
     faster_rcnn.build_system(_config(stage="5_rpn"))
   with pytest.raises(ValueError, match="rpn_chanels"):
     faster_rcnn.build_system(_config(rpn_chanels=3))
+
+
+def test_alternating_schedule_config():
+  # "alternating" names the 4-step schedule: it is valid config, not a network.
+  cfg = faster_rcnn.model_config(_config(stage="alternating", alternating_steps=(4, 3, 2, 1)))
+  assert cfg["alternating_steps"] == (4, 3, 2, 1)
+  with pytest.raises(ValueError, match="alternating.*not one network"):
+    faster_rcnn.build_system(_config(stage="alternating"))
+  with pytest.raises(ValueError, match="alternating_steps.*got \\(4, 3\\)"):
+    faster_rcnn.model_config(_config(alternating_steps=(4, 3)))
+  with pytest.raises(ValueError, match="alternating_steps"):
+    faster_rcnn.model_config(_config(alternating_steps=(4, 3, 0, 1)))
+  assert faster_rcnn.final_stage(_config(stage="alternating")) == ("4_fast_rcnn", "4_fast_rcnn")
+  assert faster_rcnn.final_stage(_config()) == ("joint", "")
+
+
+def test_train_alternating_runs_each_step_for_its_steps(monkeypatch, tmp_path, rng):
+  """The driver: each step in its own folder for its own number of steps, the schedule scaled,
+  params chained from step to step; a second call trains nothing and restores each step."""
+  import json
+  import os
+  import types
+  import ml_collections
+  from jaxdet.train import loop, setup
+  trained, restored = [], []
+
+  def params_of(system):
+    return system.init(jax.random.PRNGKey(0), _batch(rng, [1]))["params"]
+
+  def fake_train(cfg, workdir, *, system, make_loader):
+    trained.append((cfg.model.stage, int(cfg.train.num_steps),
+                    tuple(cfg.optimizer.decay_steps), int(cfg.optimizer.warmup_steps),
+                    tuple(cfg.model.alternating_steps)))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"step": int(cfg.train.num_steps), "voc07_map": 0.5}, f)
+    return types.SimpleNamespace(params=params_of(system))
+
+  def fake_restore(cfg, workdir, system, batch):
+    restored.append(cfg.model.stage)
+    return types.SimpleNamespace(params=params_of(system))
+
+  monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(loop, "restore_for_inference", fake_restore)
+  monkeypatch.setattr(setup, "peek", lambda loader: None)
+  config = ml_collections.ConfigDict({
+      "model": {**SMALL, "stage": "alternating", "alternating_steps": (40, 20, 40, 20)},
+      "compute_dtype": "float32", "seed": 0, "data": {},
+      "train": {"num_steps": 80, "batch_size": 2},
+      "optimizer": {"decay_steps": (60,), "warmup_steps": 8}})
+  loader = lambda *a, **k: None   # noqa: E731
+  results = faster_rcnn.train_alternating(config, str(tmp_path), make_loader=loader)
+  assert trained == [("1_rpn", 40, (30,), 4, ()), ("2_fast_rcnn", 20, (15,), 2, ()),
+                     ("3_rpn", 40, (30,), 4, ()), ("4_fast_rcnn", 20, (15,), 2, ())]
+  assert list(results) == list(faster_rcnn.STAGES[1:])
+  assert sorted(os.listdir(tmp_path)) == sorted(faster_rcnn.STAGES[1:])
+  again = faster_rcnn.train_alternating(config, str(tmp_path), make_loader=loader)
+  assert len(trained) == 4 and restored == list(faster_rcnn.STAGES[1:])
+  assert again == results
