@@ -47,10 +47,10 @@ from jaxdet.models import faster_rcnn
 from jaxdet.train import optim, state as state_lib, step as step_lib
 
 SETTINGS = {
-    "full": dict(height=600, width=1000, classes=20, dtype="bfloat16", repeats=20, batch=4,
-                 train_batch=2),
-    "small": dict(height=128, width=128, classes=6, dtype="float32", repeats=5, batch=8,
-                  train_batch=8),
+    "full": dict(backbone="vgg16", height=600, width=1000, classes=20, dtype="bfloat16",
+                 repeats=20, batch=4, train_batch=2),
+    "small": dict(backbone="tiny", height=128, width=128, classes=6, dtype="float32",
+                  repeats=5, batch=8, train_batch=8),
 }
 
 
@@ -115,44 +115,25 @@ def bench_jax(size: str, s: dict[str, Any], rng: np.random.Generator) -> dict[st
 
 
 def torch_model(s: dict[str, Any]):
-  """torchvision's FasterRCNN with the same parts, or None where torch is missing."""
+  """torchvision's FasterRCNN with the same parts (experiments.torch_twins), or None where
+  torch is missing."""
   try:
     import torch            # pylint: disable=import-outside-toplevel
     import torchvision      # pylint: disable=import-outside-toplevel
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.rpn import AnchorGenerator
   except ImportError:
     return None
+  from experiments import torch_twins
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  backbone = torchvision.models.vgg16(weights=None).features[:-1]
-  backbone.out_channels = 512
-
-  class Pool(torch.nn.Module):
-    """RoIPool(7, 1/16) on the single feature map, in MultiScaleRoIAlign's call signature."""
-
-    def __init__(self):
-      super().__init__()
-      self.pool = torchvision.ops.RoIPool(7, 1.0 / 16)
-
-    def forward(self, features, proposals, image_shapes):
-      return self.pool(features["0"], proposals)
-
-  small = s["height"] < 600
-  model = FasterRCNN(
-      backbone, num_classes=None,
-      min_size=min(s["height"], s["width"]), max_size=max(s["height"], s["width"]),
-      rpn_anchor_generator=AnchorGenerator(((128, 256, 512),), ((0.5, 1.0, 2.0),)),
-      rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
-      rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=100 if small else 300,
-      rpn_batch_size_per_image=256, box_batch_size_per_image=128,
-      box_roi_pool=Pool(), box_head=TwoMLPHead(512 * 7 * 7, 4096),
-      box_predictor=FastRCNNPredictor(4096, s["classes"] + 1),
-      box_detections_per_img=100, box_nms_thresh=0.3)
-  return model.to(device), device, torch
+  parts = torch_twins.vgg16_parts(torch, torchvision, s["classes"], device)
+  model = torch_twins.faster_rcnn(
+      torch, torchvision, parts, num_classes=s["classes"], image_hw=(s["height"], s["width"]),
+      anchor_scales=(128, 256, 512), rpn_pre_test=6000, rpn_post_test=300, device=device)
+  return model, device, torch
 
 
 def bench_torch(s: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
+  if s["backbone"] != "vgg16":
+    return {"skipped": "the tiny backbone has no torchvision counterpart"}
   made = torch_model(s)
   if made is None:
     return None
@@ -220,6 +201,8 @@ def format_table(r: dict[str, Any]) -> str:
            f"{j['train_compile_s']:.1f} s"]
   if t is None:
     lines.append("  torchvision: not measured (torch does not import, or --no-torch)")
+  elif "skipped" in t:
+    lines.append(f"  torchvision: not measured ({t['skipped']})")
   else:
     lines += [f"  torchvision FasterRCNN: {t['predict_ms_per_image']:.1f} ms per image, "
               f"inference {t['infer_images_per_s']:.2f} images/s, training "

@@ -204,8 +204,6 @@ def torchvision_rows(s: dict[str, Any], batch: dict[str, Any], repeats: int
   try:
     import torch
     import torchvision
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import roi_align, roi_pool
   except ImportError as e:
     return {"reason": f"torch/torchvision do not import ({e.name})"}
@@ -214,12 +212,11 @@ def torchvision_rows(s: dict[str, Any], batch: dict[str, Any], repeats: int
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   amp = dev.type == "cuda"
   torch.manual_seed(0)
-  vgg = torchvision.models.vgg16(weights=None).to(dev).eval()
-  conv5 = vgg.features[:-1]                                   # conv5_3 + ReLU, stride 16
-  fc = torch.nn.Sequential(*list(vgg.classifier)[:-1])       # fc6, ReLU, drop, fc7, ReLU, drop
+  from experiments import torch_twins
   c = s["num_classes"]
-  cls = torch.nn.Linear(4096, c + 1).to(dev)
-  bbox = torch.nn.Linear(4096, 4 * (c + 1)).to(dev)
+  vgg = torchvision.models.vgg16(weights=None).to(dev).eval()   # R-CNN: the whole network
+  parts = torch_twins.vgg16_parts(torch, torchvision, c, dev)   # Fast / Faster R-CNN
+  conv5, fc, cls, bbox = (parts[k].eval() for k in ("conv5", "fc", "cls", "bbox"))
   h, w = s["image"]
   image = torch.as_tensor(np.asarray(batch["image"][0]), device=dev).permute(2, 0, 1)
   image = image.float().div(255.0)[None]                      # [1, 3, H, W]
@@ -251,26 +248,10 @@ def torchvision_rows(s: dict[str, Any], batch: dict[str, Any], repeats: int
     hidden = fc(torch.flatten(pooled, 1))
     return cls(hidden), bbox(hidden)
 
-  class RoIMaxPool(torch.nn.Module):
-    """The box_roi_pool interface of FasterRCNN, with Fast R-CNN's RoI max pooling."""
-
-    def forward(self, features, proposals, image_shapes):
-      return torchvision.ops.roi_pool(features["0"], proposals, (7, 7), 1.0 / 16)
-
-  class FC67(torch.nn.Module):
-    def forward(self, x):
-      return fc(torch.flatten(x, 1))
-
-  backbone = conv5
-  backbone.out_channels = 512
-  scales = tuple(int(a) for a in s["anchor_scales"])
-  faster = FasterRCNN(
-      backbone, num_classes=None, min_size=h, max_size=w,   # classes: box_predictor
-      rpn_anchor_generator=AnchorGenerator(sizes=(scales,), aspect_ratios=((0.5, 1.0, 2.0),)),
-      rpn_pre_nms_top_n_test=s["rpn_pre"], rpn_post_nms_top_n_test=s["rpn_post"],
-      rpn_nms_thresh=0.7, box_roi_pool=RoIMaxPool(), box_head=FC67(),
-      box_predictor=torchvision.models.detection.faster_rcnn.FastRCNNPredictor(4096, c + 1),
-      box_score_thresh=0.05, box_nms_thresh=0.3, box_detections_per_img=100).to(dev).eval()
+  faster = torch_twins.faster_rcnn(
+      torch, torchvision, parts, num_classes=c, image_hw=(h, w),
+      anchor_scales=s["anchor_scales"], rpn_pre_test=s["rpn_pre"], rpn_post_test=s["rpn_post"],
+      device=dev).eval()
 
   def timed(fn) -> float:
     def call():
