@@ -4,8 +4,11 @@ One network maps the whole image to an S x S x (5B + C) tensor: for each grid ce
 (x, y, sqrt w, sqrt h, confidence) and C class probabilities Pr(class | object). Parts:
 
 * `YOLONet`: the network (conv layers with leaky ReLU 0.1, max pooling, two fc layers with
-  dropout between them, linear outputs); `PAPER_LAYERS` (24 conv, 448 x 448 input, S = 7) and
-  `SMALL_LAYERS` (7 conv, 128 x 128 input, for the CPU).
+  dropout between them, linear outputs); `PAPER_LAYERS` (24 conv, 448 x 448 input, S = 7),
+  `SMALL_LAYERS` (7 conv, 128 x 128 input, for the CPU) and the "tiny" variant: the lecture's
+  shared tiny backbone (`jaxdet.models.backbones.get_backbone("tiny")`, pretrained for
+  classification by a classify run and loaded by `config.model.init_from`, as the paper
+  pretrains its first 20 conv layers on ImageNet) followed by `TINY_LAYERS`.
 * `encode_targets`: ground-truth boxes -> per-cell regression targets (one image; vmap it).
 * `jaxdet.losses.yolo_loss`: the paper's sum-squared loss.
 * `decode_predictions` / `postprocess`: raw grid -> boxes, class-specific confidences
@@ -29,10 +32,13 @@ import jax.numpy as jnp
 
 from jaxdet import checks
 from jaxdet import losses
+from jaxdet.models import backbones
 from jaxdet.models.backbones import normalize_images
+from jaxdet.models.fast_rcnn import _frozen_labels as frozen_labels
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
+from jaxdet.train import init_from
 
 Array = jax.Array
 
@@ -63,11 +69,24 @@ SMALL_LAYERS: tuple[LayerSpec, ...] = (
 )
 SMALL_FC = 512
 
+# The lecture's shared CPU backbone: the conv part of the classify cpu preset's network
+# (experiments/configs/classify.py:cpu; 4 conv layers, stride 8, 64 channels), then 3 new conv
+# layers, as the paper adds 4 conv layers on top of its pretrained 20:
+# 128 -> 16 x 16 x 64 -> 8 x 8 x 128 (S = 8 at 128 pixels).
+TINY_BACKBONE_KW = {"stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128),
+                    "roi_size": 4, "dropout_rate": 0.3}
+TINY_LAYERS: tuple[LayerSpec, ...] = ((3, 128, 1), "M", (3, 128, 1), (3, 128, 1))
+TINY_FC = 512
+
 VARIANTS = {
     # name: (conv layers, fc width, default input size)
     "paper": (PAPER_LAYERS, PAPER_FC, 448),
     "small": (SMALL_LAYERS, SMALL_FC, 128),
+    "tiny": (TINY_LAYERS, TINY_FC, 128),
 }
+# Variants whose conv layers follow a pretrainable backbone (a key of backbones.BACKBONES,
+# built with config.model.backbone_kw); conv_flops counts the variant's own layers only.
+VARIANT_BACKBONES = {"tiny": "tiny"}
 
 
 def _check_layers(layers: Sequence[LayerSpec]) -> None:
@@ -105,6 +124,14 @@ def conv_flops(layers: Sequence[LayerSpec], image_size: int, fc_dim: int,
 class YOLONet(nn.Module):
   """The YOLO v1 network: images -> raw S x S x (5B + C) predictions.
 
+  Parameters: "conv" (the backbone, when given), Conv_i (and BatchNorm_i) for `layers`,
+  Dense_0 (hidden fc), Dense_1 (output).
+
+  Head "fc" (the paper): the last conv map is flattened, the hidden fc layer sees the whole
+  image and the output layer is reshaped to S x S x (5B + C). Head "conv": the same two
+  layers applied to each cell of an S x S last conv map alone (1 x 1 convolutions, as YOLO v2
+  does; same parameter names), so that all cells share their weights.
+
   Attributes:
     num_classes: C.
     grid_size: S.
@@ -113,6 +140,10 @@ class YOLONet(nn.Module):
     fc_dim: width of the hidden fully connected layer.
     dropout_rate: dropout after the hidden fc layer (paper: 0.5).
     batch_norm: batch normalisation after each conv (not in the paper; YOLO v2 added it).
+    head: "fc" (the paper) or "conv" (per cell; the last conv map must be S x S).
+    conv: an optional backbone conv part (images, train) -> features run before `layers`
+      (e.g. `get_backbone("tiny").conv`); its parameters are named "conv", as in the
+      classification network, so that `jaxdet.train.init_from` loads them.
     dtype: computation dtype (parameters stay float32); outputs are float32.
   """
   num_classes: int
@@ -122,6 +153,8 @@ class YOLONet(nn.Module):
   fc_dim: int = PAPER_FC
   dropout_rate: float = 0.5
   batch_norm: bool = False
+  conv: nn.Module | None = None
+  head: str = "fc"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -129,6 +162,8 @@ class YOLONet(nn.Module):
     """x: f[N, H, W, 3] normalised images -> f32[N, S, S, 5B + C]."""
     act = functools.partial(nn.leaky_relu, negative_slope=0.1)
     x = x.astype(self.dtype)
+    if self.conv is not None:
+      x = self.conv(x, train=train)
     for spec in self.layers:
       if spec == "M":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -139,10 +174,18 @@ class YOLONet(nn.Module):
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
       x = act(x)
+    s, d = self.grid_size, 5 * self.num_boxes + self.num_classes
+    if self.head == "conv":
+      if x.shape[1:3] != (s, s):
+        raise ValueError(f"head 'conv': the last conv map is {x.shape[1]} x {x.shape[2]}, "
+                         f"expected S x S = {s} x {s}")
+      x = act(nn.Conv(self.fc_dim, (1, 1), dtype=self.dtype, name="Dense_0")(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = nn.Conv(d, (1, 1), dtype=self.dtype, name="Dense_1")(x)
+      return x.astype(jnp.float32)
     x = x.reshape(x.shape[0], -1)
     x = act(nn.Dense(self.fc_dim, dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    s, d = self.grid_size, 5 * self.num_boxes + self.num_classes
     x = nn.Dense(s * s * d, dtype=self.dtype)(x)
     return x.reshape(x.shape[0], s, s, d).astype(jnp.float32)
 
@@ -256,13 +299,19 @@ def postprocess(predictions: Array, image_size_hw: Array, *, num_boxes: int,
 # --- the System ---------------------------------------------------------------------------------
 
 MODEL_DEFAULTS = {
-    "variant": "small",        # a key of VARIANTS: "paper" (24 conv, 448) or "small" (CPU)
+    "variant": "small",        # a key of VARIANTS: "paper" (24 conv, 448), "small" (CPU) or
+                               # "tiny" (the lecture's pretrained tiny backbone, CPU)
     "num_classes": 6,          # C
     "grid_size": 7,            # S
     "num_boxes": 2,            # B
     "fc_dim": 0,               # hidden fc width; 0 = the variant's (paper 4096)
     "dropout_rate": 0.5,
-    "batch_norm": False,       # not in the paper
+    "head": "fc",              # "fc" (the paper) or "conv" (the fc layers per cell, shared)
+    "batch_norm": False,       # not in the paper (after the variant's own conv layers)
+    "backbone_kw": TINY_BACKBONE_KW,   # variant "tiny": get_backbone("tiny", **backbone_kw)
+    "init_from": "",           # variant "tiny": a finished classify run's workdir whose "conv"
+                               # starts the backbone (jaxdet.train.init_from); "" = scratch
+    "frozen": (),              # variant "tiny": backbone conv layers kept at their values
     "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0, "lambda_class": 1.0},
     "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,
                 "pre_nms_topk": 0},   # 0 = every (box, class) pair enters NMS
@@ -293,11 +342,22 @@ def make_network(model_cfg: Any, dtype: Any = jnp.float32) -> YOLONet:
   if not 0.0 <= m["dropout_rate"] < 1.0:
     raise ValueError(f"config.model.dropout_rate: expected a value in [0, 1), "
                      f"got {m['dropout_rate']!r}")
+  if m["head"] not in ("fc", "conv"):
+    raise ValueError(f"config.model.head: expected 'fc' or 'conv', got {m['head']!r}")
   layers, fc_dim, _ = VARIANTS[m["variant"]]
   _check_layers(layers)
+  backbone = VARIANT_BACKBONES.get(m["variant"])
+  if m["init_from"] and backbone is None:
+    raise ValueError(f"config.model.init_from: variant {m['variant']!r} has no pretrainable "
+                     f"backbone; use one of {sorted(VARIANT_BACKBONES)}")
+  conv = None
+  if backbone is not None:
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(m["backbone_kw"]).items()}
+    conv = backbones.get_backbone(backbone, dtype=jnp.dtype(dtype), **kw).conv
   return YOLONet(num_classes=m["num_classes"], grid_size=m["grid_size"],
                  num_boxes=m["num_boxes"], layers=layers, fc_dim=m["fc_dim"] or fc_dim,
-                 dropout_rate=m["dropout_rate"], batch_norm=m["batch_norm"],
+                 dropout_rate=m["dropout_rate"], batch_norm=m["batch_norm"], conv=conv,
+                 head=m["head"],
                  dtype=jnp.dtype(dtype))
 
 
@@ -305,7 +365,8 @@ def build_system(config: Any) -> System:
   """The YOLO v1 System from an experiment config.
 
   Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`; `loss` holds the four term
-  weights of `jaxdet.losses.yolo_loss`, `predict` the post-processing settings) and
+  weights of `jaxdet.losses.yolo_loss`, `predict` the post-processing settings; `init_from`
+  a classify run whose "conv" parameters start the "tiny" variant's backbone) and
   `config.compute_dtype`; a top-level `config.num_classes` (set when training on one's own
   examples) replaces `config.model.num_classes`. Images are resized to the network input (the
   grid covers the whole input); the input size is the batch's static image shape.
@@ -326,9 +387,15 @@ def build_system(config: Any) -> System:
     return tuple(batch["image"].shape[1:3])
 
   @jax.jit
-  def init(rng, batch):   # jitted: one compilation instead of one per op
-    x = normalize_images(batch["image"], dtype)
-    return dict(net.init({"params": rng}, x, train=False))
+  def fresh(rng, images):   # jitted: one compilation instead of one per op
+    return dict(net.init({"params": rng}, normalize_images(images, dtype), train=False))
+
+  def init(rng, batch):
+    variables = fresh(rng, batch["image"])
+    if m["init_from"]:   # the paper's recipe: conv layers pretrained for classification
+      variables["params"] = init_from.load_into(variables["params"], str(m["init_from"]),
+                                                keys=("conv",))
+    return variables
 
   def loss(variables, batch, rng):
     x = normalize_images(batch["image"], dtype)
@@ -351,4 +418,4 @@ def build_system(config: Any) -> System:
     return jax.vmap(post)(preds, batch["image_size"])
 
   return System(name="yolo", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net})
+                extras={"network": net}, param_labels=frozen_labels(m["frozen"]))

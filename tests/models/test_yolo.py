@@ -5,10 +5,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxdet import losses
-from jaxdet.models import yolo
+from jaxdet.models import classify, yolo
+from jaxdet.train.checkpoint import Checkpoints
+from jaxdet.train.state import create_train_state
 
 
 def _random_boxes(rng, n, m, h, w):
@@ -210,9 +213,81 @@ def test_errors():
 
 def test_config_presets_build():
   from experiments.configs import yolo as yolo_config
-  for preset, classes, variant in [("cpu", 6, "small"), ("paper", 20, "paper")]:
+  for preset, classes, variant in [("cpu", 6, "tiny"), ("paper", 20, "paper")]:
     config = yolo_config.get_config(preset)
     system = yolo.build_system(config)
     assert system.name == "yolo" and system.num_classes == classes
     assert system.extras["network"].layers == yolo.VARIANTS[variant][0]
   assert yolo.build_system({"num_classes": 4, "model": {}}).num_classes == 4
+
+
+# A small tiny backbone (stride 4: 16 px -> 4 x 4 x 8, then TINY_LAYERS -> 2 x 2 x 128, S = 2).
+TINY_KW = {"widths": (4, 8), "stride": 4, "fc_features": (8, 8), "roi_size": 2}
+
+
+def _classify_run(tmp_path, rng):
+  """A finished classify 'run' whose checkpoint holds random (non-initial) parameters."""
+  config = {"model": {"backbone": "tiny", "backbone_kw": TINY_KW, "input_size": 16},
+            "num_classes": 3}
+  state, key = create_train_state(classify.build_system(config), optax.sgd(0.1),
+                                  jax.random.key(0), {})
+  params = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                                  state.params)
+  ckpt = Checkpoints(str(tmp_path / "checkpoints"), {"system": "classify",
+                                                     "model": config["model"]})
+  ckpt.save(state.replace(params=params), key, {})
+  ckpt.wait()
+  ckpt.close()
+  return params
+
+
+def _tiny_system(widths, init_from="", head="fc"):
+  return yolo.build_system({"model": {
+      "variant": "tiny", "num_classes": 3, "grid_size": 2, "fc_dim": 16, "batch_norm": True,
+      "head": head, "backbone_kw": {**TINY_KW, "widths": widths}, "init_from": init_from}})
+
+
+def test_tiny_variant_loads_the_classify_conv(tmp_path, rng):
+  saved = _classify_run(tmp_path, rng)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8)}
+  fresh = _tiny_system((4, 8)).init(jax.random.key(1), batch)
+  system = _tiny_system((4, 8), str(tmp_path))
+  variables = system.init(jax.random.key(1), batch)
+  params = variables["params"]
+  assert set(params) == set(fresh["params"]) and set(params["conv"]) == {"conv1", "conv2"}
+  flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])  # noqa: E731
+  for path, leaf in flat(params["conv"]).items():
+    np.testing.assert_array_equal(np.asarray(leaf), flat(saved["conv"])[path])
+    assert np.asarray(leaf).dtype == np.float32
+  # YOLO's own layers keep their fresh initialisation.
+  for name in ("Conv_0", "Dense_0", "Dense_1"):
+    np.testing.assert_array_equal(np.asarray(params[name]["kernel"]),
+                                  np.asarray(fresh["params"][name]["kernel"]))
+  out = system.extras["network"].apply(variables, jnp.zeros((2, 16, 16, 3)), train=False)
+  assert out.shape == (2, 2, 2, 5 * 2 + 3) and out.dtype == jnp.float32
+
+
+def test_conv_head_is_the_fc_layers_applied_per_cell(rng):
+  """Head "conv": cell (i, j)'s outputs are Dense_1(leaky(Dense_0(its own features)))."""
+  net = _tiny_system((4, 8), head="conv").extras["network"]
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  variables = net.init(jax.random.key(0), x, train=False)
+  out, inter = net.apply(variables, x, train=False, capture_intermediates=True)
+  assert out.shape == (2, 2, 2, 13) and out.dtype == jnp.float32
+  f = np.asarray(inter["intermediates"]["BatchNorm_2"]["__call__"][0], np.float64)
+  leaky = lambda v: np.where(v > 0, v, 0.1 * v)  # noqa: E731
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+  hidden = leaky(leaky(f) @ p["Dense_0"]["kernel"][0, 0] + p["Dense_0"]["bias"])
+  want = hidden @ p["Dense_1"]["kernel"][0, 0] + p["Dense_1"]["bias"]     # [2, 2, 2, 13]
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="config.model.head: expected 'fc' or 'conv'"):
+    _tiny_system((4, 8), head="dense")
+
+
+def test_tiny_variant_rejects_a_mismatching_run(tmp_path, rng):
+  _classify_run(tmp_path, rng)
+  batch = {"image": jnp.zeros((1, 16, 16, 3), jnp.uint8)}
+  with pytest.raises(ValueError, match=r"init_from: parameter conv.*conv2.*shape .*classify"):
+    _tiny_system((4, 16), str(tmp_path)).init(jax.random.key(0), batch)
+  with pytest.raises(ValueError, match="config.model.init_from: variant 'small' has no"):
+    yolo.build_system({"model": {"variant": "small", "init_from": str(tmp_path)}})
