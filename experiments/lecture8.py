@@ -69,7 +69,9 @@ class Stage:
     requires: further "module:function"s that must exist for the stage to run.
     init_from: a folder under OUT/work holding a finished classification-pretraining run
       whose conv and fc layers start this system (config.model.init_from); "" = none. The
-      lecture's region-based detectors start from a backbone pretrained for classification.
+      lecture's detectors start from a backbone pretrained for classification.
+    detector: False for a stage that only trains (the shared classification pretraining):
+      no detections, no row in the table, its time and accuracy in a line under it.
   """
   system: str
   title: str
@@ -78,19 +80,22 @@ class Stage:
   variables: str = ""
   requires: tuple[str, ...] = ()
   init_from: str = ""
+  detector: bool = True
 
 
 STAGES: tuple[Stage, ...] = (
+    # The lecture's first step: a classification network (here on object crops, in the papers
+    # on ImageNet), whose conv and fc layers start the detectors that share its backbone.
+    Stage("classify", "Classification pretraining on object crops", detector=False),
     Stage("localization", "Localization as regression (single object)"),
     Stage("windows", "Sliding windows (brute force)"),
     Stage("overfeat", "OverFeat (dense windows + box merging)"),
     Stage("rcnn", "R-CNN", "selective_search", driver="experiments.rcnn_stages:train_and_evaluate",
           variables="experiments.lecture8:rcnn_variables",
           requires=("experiments.rcnn_stages:finetuned_params",
-                    "experiments.rcnn_stages:stage_variables")),
-    # R-CNN's driver pretrains the backbone in its workdir/pretrain; Fast R-CNN starts from it.
-    Stage("fast_rcnn", "Fast R-CNN", "selective_search", init_from="rcnn/pretrain"),
-    Stage("faster_rcnn", "Faster R-CNN", "rpn"),
+                    "experiments.rcnn_stages:stage_variables"), init_from="classify"),
+    Stage("fast_rcnn", "Fast R-CNN", "selective_search", init_from="classify"),
+    Stage("faster_rcnn", "Faster R-CNN", "rpn", init_from="classify"),
     Stage("yolo", "YOLO v1"),
 )
 REFERENCE = "rcnn"                   # speedups are against this stage
@@ -325,7 +330,8 @@ def run_stage(stage: Stage, out: str, *, fast: bool) -> dict[str, Any]:
   result = {"system": stage.system, "fingerprint": fp, "fast": fast,
             "num_steps": int(config.train.num_steps), "batch_size": int(config.train.batch_size)}
   result.update(_train(stage, config, workdir))
-  result.update(_test(stage, config, workdir, out))
+  if stage.detector:
+    result.update(_test(stage, config, workdir, out))
   if stage.system == "fast_rcnn":
     result["trained_proposals"] = str(config.model.get("proposals", ""))
   write_json_atomic(marker, result)
@@ -371,6 +377,8 @@ def make_rows(stages: Sequence[Stage], results: dict[str, dict[str, Any]],
   """One row per stage: scores, times, the proposal cost and speedups against R-CNN."""
   rows = []
   for stage in stages:
+    if not stage.detector:
+      continue
     row: dict[str, Any] = {"system": stage.system, "detector": stage.title,
                            "proposals": stage.proposals}
     if stage.system in missing:
@@ -400,6 +408,27 @@ def make_rows(stages: Sequence[Stage], results: dict[str, dict[str, Any]],
     if ref["test_with_proposals_s"] and row["test_with_proposals_s"]:
       row["speedup_with_proposals"] = ref["test_with_proposals_s"] / row["test_with_proposals_s"]
   return rows
+
+
+def pretraining_lines(stages: Sequence[Stage], results: dict[str, dict[str, Any]],
+                      missing: dict[str, str]) -> list[str]:
+  """A line per training-only stage: its accuracy, time and the stages it starts."""
+  lines = []
+  for stage in stages:
+    r = results.get(stage.system)
+    if stage.detector:
+      continue
+    if r is None:
+      lines.append(f"{stage.title} (`{stage.system}`): not available: "
+                   f"{missing.get(stage.system, 'not run')}")
+      continue
+    users = [s.system for s in stages if s.init_from.split("/")[0] == stage.system]
+    acc = r["eval"].get("accuracy")
+    lines.append(f"{stage.title} (`{stage.system}`): accuracy "
+                 f"{_num(acc, '.3f')} on the test objects, trained in "
+                 f"{r['train_wall_s']:.0f} s wall / {r['train_cpu_s']:.0f} s CPU; its conv and "
+                 f"fc layers start {', '.join(users) or 'no stage'}.")
+  return lines
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -515,7 +544,8 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
       traceback.print_exc()
       missing[stage.system] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
   rows = make_rows(stages, results, missing, ss)
-  table = format_table(rows, ss)
+  pretraining = pretraining_lines(stages, results, missing)
+  table = "\n\n".join([format_table(rows, ss)] + pretraining)
   info = machine()
   command = "python -m experiments.lecture8 " + " ".join(
       [f"--out {out}"] + ([f"--only {only}"] if only else []) + (["--fast"] if fast else []))
@@ -531,7 +561,8 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
   with open(os.path.join(out, "lecture8.md"), "w") as f:
     f.write(header + "\n" + table + "\n")
   summary = {"command": command, "fast": fast, "machine": info, "selective_search": ss,
-             "columns": list(COLUMNS), "rows": rows}
+             "columns": list(COLUMNS), "rows": rows, "pretraining": pretraining,
+             "missing": missing}
   write_json_atomic(os.path.join(out, "lecture8.json"), summary)
   plot(rows, os.path.join(out, "speedups.png"))
   print(table)

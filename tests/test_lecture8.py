@@ -120,3 +120,21 @@ def test_speedups_are_ratios_of_test_times_to_rcnn():
 def test_only_rejects_unknown_names():
   with pytest.raises(ValueError, match=r"--only: unknown system\(s\) \['yolov9'\]"):
     lecture8.select("localization,yolov9")
+
+
+def test_pretraining_is_a_line_under_the_table_not_a_row():
+  stages = [lecture8.Stage("classify", "Classification pretraining", detector=False),
+            lecture8.Stage("rcnn", "R-CNN", init_from="classify"),
+            lecture8.Stage("yolo", "YOLO v1", init_from="classify/sub"),
+            lecture8.Stage("localization", "Localization")]
+  done = {"classify": {"eval": {"accuracy": 0.9123}, "train_wall_s": 12.4, "train_cpu_s": 20.6}}
+  lines = lecture8.pretraining_lines(stages, done, {})
+  assert len(lines) == 1
+  assert "accuracy 0.912" in lines[0] and "12 s wall / 21 s CPU" in lines[0]
+  assert "start rcnn, yolo." in lines[0]
+  lines = lecture8.pretraining_lines(stages, {}, {"classify": "failed: OSError: disk full"})
+  assert lines == ["Classification pretraining (`classify`): not available: failed: OSError: "
+                   "disk full"]
+  rows = lecture8.make_rows(stages, {}, {"rcnn": "x", "yolo": "y", "localization": "z"},
+                            {"s_per_image": None})
+  assert [r["system"] for r in rows] == ["rcnn", "yolo", "localization"]

@@ -10,7 +10,7 @@ r"""Fast R-CNN (Girshick 2015): one conv pass, RoI max pooling, softmax + smooth
 
 Presets:
   cpu:   R-CNN's cpu setting, so that the lecture compares like with like: the synthetic
-         shapes (192 train / 64 test 128 px images, horizontal flips), selective search fast
+         shapes (192 train / 256 test 128 px images, horizontal flips), selective search fast
          mode (at most 256 proposals per image) attached to batches by the data pipeline
          (`data.proposals`, the same on-disk cache as R-CNN's), and the tiny backbone of
          experiments/configs/classify.py:cpu (widths 16-32-64-64, stride 8, 4 x 4 RoI max
@@ -83,7 +83,7 @@ def get_config(preset: str = "cpu"):
   })
   if cpu:
     config.data.num_train = 192
-    config.data.num_test = 64
+    config.data.num_test = 256        # the test images of every other cpu preset
     config.data.augment.hflip = True
     config.train.batch_size = 8
     config.train.num_steps = 800

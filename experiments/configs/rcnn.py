@@ -12,7 +12,7 @@ fine-tuning (workdir/finetune, the ordinary training loop and its checkpoints), 
 regression (stages/bbox_reg.npz), then evaluation with and without box regression (eval.json).
 
 Presets:
-  cpu:   the synthetic shapes (192 train / 64 test 128 px images), selective search fast mode
+  cpu:   the synthetic shapes (192 train / 256 test 128 px images), selective search fast mode
          (at most 256 proposals). As in the paper the backbone is pretrained for
          classification, then fine-tuned: the tiny net (widths 16-32-64-64, stride 8, fc
          128-128, dropout 0.3) of experiments/configs/classify.py:cpu, 600 Adam steps on 32 px
@@ -81,7 +81,7 @@ def get_config(preset: str = "cpu"):
   })
   if cpu:
     config.data.num_train = 192
-    config.data.num_test = 64
+    config.data.num_test = 256        # the test images of every other cpu preset
     config.data.augment.hflip = True
   else:
     config.data.resize.mode = "none"   # R-CNN warps regions of the original image

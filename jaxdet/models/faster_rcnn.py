@@ -56,8 +56,8 @@ STAGES = ("joint", "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn")
 # detector it leaves is the network of its last step.
 ALTERNATING = "alternating"
 
-_FAST_KEYS = ("num_classes", "backbone", "backbone_kw", "pretrained", "frozen", "dropout_rate",
-              "sampler", "box_stds", "loss", "svd_ranks", "predict")
+_FAST_KEYS = ("num_classes", "backbone", "backbone_kw", "pretrained", "init_from", "frozen",
+              "dropout_rate", "sampler", "box_stds", "loss", "svd_ranks", "predict")
 
 MODEL_DEFAULTS: dict[str, Any] = {
     **{k: fast_rcnn.MODEL_DEFAULTS[k] for k in _FAST_KEYS},
@@ -234,7 +234,7 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
   def init(rng, batch):
     variables = fast_rcnn.load_backbone_weights(_init(rng, batch["image"]), cfg)
     params = dict(variables["params"])
-    if cfg["pretrained"] and "proposal_conv" in params:
+    if (cfg["pretrained"] or cfg["init_from"]) and "proposal_conv" in params:
       params["proposal_conv"] = params["conv"]
     if init_params is not None:
       for key, value in init_params.items():
