@@ -89,6 +89,24 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
   return config
 
 
+def selective_search_data(config: ml_collections.ConfigDict) -> None:
+  """The data settings of the selective-search detectors (R-CNN, Fast R-CNN), in place:
+  proposals through the pipeline's on-disk cache (fast mode, 256 boxes on the cpu preset;
+  quality mode, 2000 boxes on the paper's); cpu: 192 training images (each needs selective
+  search once), the 256 test images of every other cpu preset, horizontal flips."""
+  cpu = config.preset == "cpu"
+  config.data.proposals = ml_collections.ConfigDict({
+      "max_proposals": 256 if cpu else 2000,
+      "mode": "fast" if cpu else "quality",
+      "cache_root": "",            # "" = ~/.cache/jaxdet/proposals
+      "num_workers": 0,            # 0 = every core
+  })
+  if cpu:
+    config.data.num_train = 192
+    config.data.num_test = 256
+    config.data.augment.hflip = True
+
+
 def num_classes(preset: str) -> int:
   """C of the preset's dataset: the 6 synthetic shapes or the 20 VOC classes."""
   from jaxdet.data import synthetic

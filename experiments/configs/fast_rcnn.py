@@ -44,7 +44,6 @@ Multi-scale testing: --config.model.test_scales="(0.75, 1.0, 1.25)" (paper: shor
 480, 576, 688, 864, 1200 with ms_target_size 224).
 """
 
-import ml_collections
 
 from experiments.configs import common
 
@@ -74,17 +73,8 @@ def get_config(preset: str = "cpu"):
       "predict": {"score_threshold": 0.01, "iou_threshold": 0.3, "max_detections": 100,
                   "pre_nms_topk": 0},
   }
-  # selective search through the data pipeline (the same settings as R-CNN's presets)
-  config.data.proposals = ml_collections.ConfigDict({
-      "max_proposals": 256 if cpu else 2000,
-      "mode": "fast" if cpu else "quality",
-      "cache_root": "",            # "" = ~/.cache/jaxdet/proposals
-      "num_workers": 0,            # 0 = every core
-  })
+  common.selective_search_data(config)   # the same proposals and images as R-CNN's
   if cpu:
-    config.data.num_train = 192
-    config.data.num_test = 256        # the test images of every other cpu preset
-    config.data.augment.hflip = True
     config.train.batch_size = 8
     config.train.num_steps = 800
     config.train.log_every = 100

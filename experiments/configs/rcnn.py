@@ -73,17 +73,8 @@ def get_config(preset: str = "cpu"):
       "predict": {"nms_iou": 0.3, "max_detections": 100, "score_threshold": -1.5,
                   "pre_nms_topk": 2000},
   }
-  config.data.proposals = ml_collections.ConfigDict({
-      "max_proposals": 256 if cpu else 2000,
-      "mode": "fast" if cpu else "quality",
-      "cache_root": "",            # "" = ~/.cache/jaxdet/proposals
-      "num_workers": 0,            # 0 = every core
-  })
-  if cpu:
-    config.data.num_train = 192
-    config.data.num_test = 256        # the test images of every other cpu preset
-    config.data.augment.hflip = True
-  else:
+  common.selective_search_data(config)
+  if not cpu:
     config.data.resize.mode = "none"   # R-CNN warps regions of the original image
     config.data.buckets = ((500, 500),)
   config.train.batch_size = 4 if cpu else 2
