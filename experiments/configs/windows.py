@@ -30,7 +30,8 @@ def model_config(preset: str) -> dict:
         "scales": (1.5, 1.0, 0.7, 0.5),   # 32 px windows see objects of 21..64 px
         "aspect_ratios": (1.0,),          # window width / height, each at every scale
         "jitter": 0.2,
-        "pos_iou": 0.5, "neg_iou": 0.3,
+        "pos_iou": 0.5, "neg_iou": 0.3, "soft_labels": False,
+        "train_windows": "jitter",        # "grid": drawn from the test-time windows
         "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 50,
         "init_from": "",   # a finished classify run (same backbone): conv + fc start from it
     }
@@ -41,7 +42,8 @@ def model_config(preset: str) -> dict:
       "scales": (0.4, 0.55, 0.75, 1.0, 1.4),
       "aspect_ratios": (1.0,),
       "jitter": 0.2,
-      "pos_iou": 0.5, "neg_iou": 0.3,
+      "pos_iou": 0.5, "neg_iou": 0.3, "soft_labels": False,
+      "train_windows": "jitter",
       "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 100,
       "init_from": "",
   }

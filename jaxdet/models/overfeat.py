@@ -38,6 +38,7 @@ from jaxdet.ops import box_coder
 from jaxdet.ops import windows as win
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.boxes import box_iou, clip_boxes
+from jaxdet.ops.matching import match_boxes
 from jaxdet.system import System
 from jaxdet.train import init_from
 
@@ -228,6 +229,71 @@ def sample_windows(key: Array, gt_boxes: Array, gt_mask: Array, image_size: Arra
   return jnp.where(use_obj[:, None], around, uniform)
 
 
+def test_grid(conv_net: WindowNet, image_hw: Sequence[int], scales: Sequence[Any], *,
+              window: int, step: int) -> Array:
+  """Every window `dense_windows` scores on an image of size image_hw (static), in its order.
+
+  Returns:
+    f32[N, 4] (x1, y1, x2, y2) pixels, the concatenation over scales of `window_grid`.
+  """
+  h, w = (int(v) for v in image_hw)
+  grids = []
+  for scale in scales:
+    sy, sx = win.scale_pair("scale", scale)
+    nh, nw = max(1, int(round(h * sy))), max(1, int(round(w * sx)))
+    x = jax.ShapeDtypeStruct((1, nh, nw, 3), jnp.float32)
+    logits = jax.eval_shape(lambda x: conv_net.init_with_output(jax.random.PRNGKey(0), x)[0][0],
+                            x)
+    grids.append(win.window_grid(logits.shape[1:3], step, window, (nh / h, nw / w)))
+  return jnp.concatenate(grids, 0)
+
+
+def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Array,
+                        gt_mask: Array, image_size: Array, *, num_windows: int, num_classes: int,
+                        pos_iou: float, neg_iou: float, hard_iou: float = 0.1
+                        ) -> dict[str, Array]:
+  """Training windows drawn from the test-time grid itself, labelled as anchors are.
+
+  Each grid window inside the real image is positive (its best object's class) when its IoU
+  with that object is >= pos_iou or it is an object's best window (`match_boxes`
+  allow_low_quality), background when < neg_iou, ignored in between. Drawn: 3/8 of num_windows
+  among the positives, 1/4 among the hard negatives (best IoU in [hard_iou, neg_iou): windows
+  partly on an object), the rest among all negatives, each uniformly; a share with too few
+  candidates is labelled -1 (ignored) in its unfilled slots. So the classifier learns to rank
+  exactly the windows it scores at test time, the best-placed one above its neighbours.
+
+  Args:
+    key: PRNG key; grid: f32[N, 4] (`test_grid`); gt_boxes f32[M, 4], gt_labels i32[M],
+      gt_mask bool[M]; image_size i32[2] (height, width) of the real pixels.
+  Returns:
+    {"windows": f32[S, 4], "labels": i32[S] in {-1, 0..C} (C = background),
+     "iou": f32[S] best IoU (0 in unfilled slots), "matched": f32[S, 4] the best object's box
+     (zeros without one)}.
+  """
+  checks.check_boxes("grid", grid)
+  s = num_windows
+  inside = ((grid[:, 2] <= image_size[1].astype(jnp.float32) + 1e-3)
+            & (grid[:, 3] <= image_size[0].astype(jnp.float32) + 1e-3))
+  iou = box_iou(grid, gt_boxes.astype(jnp.float32))                          # [N, M]
+  matched_gt, max_iou, lab = match_boxes(iou, gt_mask, high=pos_iou, low=neg_iou,
+                                         allow_low_quality=True, row_mask=inside)
+  n_pos, n_hard = round(0.375 * s), round(0.25 * s)
+  shares = ((lab == 1, n_pos), ((lab == 0) & (max_iou >= hard_iou), n_hard),
+            (lab == 0, s - n_pos - n_hard))
+  idx, ok = [], []
+  for k, (eligible, count) in zip(jax.random.split(key, 3), shares):
+    u = jnp.where(eligible, jax.random.uniform(k, eligible.shape), -1.0)
+    score, rows = jax.lax.top_k(u, count)
+    idx.append(rows)
+    ok.append(score >= 0)
+  idx, ok = jnp.concatenate(idx), jnp.concatenate(ok)                       # [S]
+  cls = jnp.where(lab[idx] == 1, gt_labels[matched_gt[idx]].astype(jnp.int32), num_classes)
+  has_gt = gt_mask.any()
+  return {"windows": grid[idx], "labels": jnp.where(ok, cls, -1),
+          "iou": jnp.where(ok, max_iou[idx], 0.0),
+          "matched": jnp.where(has_gt, gt_boxes[matched_gt[idx]].astype(jnp.float32), 0.0)}
+
+
 def label_windows(windows: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Array, *,
                   num_classes: int, pos_iou: float, neg_iou: float) -> dict[str, Array]:
   """Class targets of windows: the best-overlapping object's class, background or ignored.
@@ -239,7 +305,8 @@ def label_windows(windows: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Ar
     neg_iou: best IoU < this: background; in between: ignored (label -1).
   Returns:
     {"labels": i32[S] in {-1, 0..C}, "iou": f32[S] best IoU (0 without objects),
-     "matched": f32[S, 4] the best object's box (zeros without objects)}.
+     "matched": f32[S, 4] the best object's box (zeros without objects),
+     "object_class": i32[S] the best object's class (C without objects)}.
   """
   iou = jnp.where(gt_mask[None, :], box_iou(windows, gt_boxes), -1.0)      # [S, M]
   best = jnp.argmax(iou, axis=1)
@@ -247,21 +314,30 @@ def label_windows(windows: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Ar
   cls = jnp.where(best_iou >= pos_iou, gt_labels[best].astype(jnp.int32), -1)
   cls = jnp.where(best_iou < neg_iou, num_classes, cls)
   matched = jnp.where(gt_mask.any(), gt_boxes[best].astype(jnp.float32), 0.0)
-  return {"labels": cls, "iou": best_iou, "matched": matched}
+  obj_cls = jnp.where(gt_mask.any(), gt_labels[best].astype(jnp.int32), num_classes)
+  return {"labels": cls, "iou": best_iou, "matched": matched, "object_class": obj_cls}
 
 
 def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng: Array, *,
                 window: int, num_windows: int, min_side: float, pos_iou: float,
                 neg_iou: float, box_iou_min: float, box_weight: float,
                 aspect_range: tuple[float, float] = (1.0, 1.0), jitter: float = 0.2,
-                box_coding: str = "window",
-                mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
+                box_coding: str = "window", soft_labels: bool = False,
+                grid: Array | None = None, mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
   """The training loss of a dense-form `WindowNet` on sampled windows of a batch of images.
 
   loss = mean softmax CE over non-ignored windows + box_weight * mean over regression windows
   of the coordinates' summed loss (of the matched class for per-class boxes): squared error of
   the window-relative box (box_coding "window") or smooth L1 (beta 1) of the weighted deltas
   ("deltas"). Windows: `sample_windows` (aspect_range, jitter).
+
+  soft_labels: instead of ignoring windows of best IoU in [neg_iou, pos_iou), every window's
+  class target is soft: t = clip((IoU - neg_iou) / (pos_iou - neg_iou), 0, 1) on the best
+  object's class and 1 - t on background (CE = t CE(object) + (1 - t) CE(background)), so the
+  class probability rises with the window's overlap and the best-placed window scores highest.
+
+  grid: f32[N, 4] the test-time windows (`test_grid`): training windows are drawn from them
+  (`sample_grid_windows`, anchor-style labels) instead of `sample_windows`.
 
   Returns:
     (loss f32[], metrics {"loss/class", "loss/box", "window_accuracy", "positive_fraction"},
@@ -270,12 +346,20 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   k_sample, k_drop = jax.random.split(rng)
   b = batch["image"].shape[0]
   keys = jax.random.split(k_sample, b)
-  sample = functools.partial(sample_windows, num_windows=num_windows, min_side=min_side,
-                             jitter=jitter, aspect_range=aspect_range)
-  wins = jax.vmap(sample)(keys, batch["boxes"], batch["box_mask"], batch["image_size"])
-  labelled = jax.vmap(functools.partial(
-      label_windows, num_classes=net.num_classes, pos_iou=pos_iou, neg_iou=neg_iou))(
-          wins, batch["boxes"], batch["labels"], batch["box_mask"])
+  if grid is None:
+    sample = functools.partial(sample_windows, num_windows=num_windows, min_side=min_side,
+                               jitter=jitter, aspect_range=aspect_range)
+    wins = jax.vmap(sample)(keys, batch["boxes"], batch["box_mask"], batch["image_size"])
+    labelled = jax.vmap(functools.partial(
+        label_windows, num_classes=net.num_classes, pos_iou=pos_iou, neg_iou=neg_iou))(
+            wins, batch["boxes"], batch["labels"], batch["box_mask"])
+  else:
+    labelled = jax.vmap(functools.partial(
+        sample_grid_windows, grid=grid, num_windows=num_windows, num_classes=net.num_classes,
+        pos_iou=pos_iou, neg_iou=neg_iou))(keys, gt_boxes=batch["boxes"],
+                                           gt_labels=batch["labels"], gt_mask=batch["box_mask"],
+                                           image_size=batch["image_size"])
+    wins = labelled["windows"]
   crops = jax.vmap(functools.partial(win.crop_windows, size=window))(batch["image"], wins)
   crops = crops.reshape(b * num_windows, window, window, 3)
   x = backbones.normalize_images(crops, net.dtype)
@@ -283,7 +367,17 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   (logits, boxes), new_state = out if mutable else (out, {})
   labels = labelled["labels"].reshape(-1)
   keep = labels >= 0
-  ce = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, keep), keep)
+  if soft_labels:
+    if grid is not None:
+      raise ValueError("soft_labels: not with grid training windows (their labels are the "
+                       "anchor-style ones of sample_grid_windows)")
+    t = jnp.clip((labelled["iou"].reshape(-1) - neg_iou) / (pos_iou - neg_iou), 0.0, 1.0)
+    obj = labelled["object_class"].reshape(-1)
+    bg = jnp.full_like(obj, net.num_classes)
+    ce = jnp.mean(t * losses.softmax_cross_entropy(logits, obj)
+                  + (1.0 - t) * losses.softmax_cross_entropy(logits, bg))
+  else:
+    ce = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, keep), keep)
   acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), keep)
   metrics = {"loss/class": ce, "window_accuracy": acc,
              "positive_fraction": jnp.mean((labels >= 0) & (labels < net.num_classes))}
@@ -450,6 +544,10 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "box_head": "per_class",       # "per_class" | "agnostic" | "none"
     "num_windows": 16,             # training windows per image
     "pos_iou": 0.5, "neg_iou": 0.3, "box_iou": 0.4,
+    "train_windows": "jitter",     # "jitter": sample_windows around objects and at random;
+                                   # "grid": drawn from the test-time windows (sample_grid_windows)
+    "soft_labels": False,          # class target t = clip((IoU - neg) / (pos - neg), 0, 1), the
+                                   # rest background (window_loss); False: hard, in-between ignored
     "box_weight": 1.0,
     "box_coding": "window",        # "window" (OverFeat's, L2) | "deltas" (R-CNN's, smooth L1)
     "jitter": 0.2,                 # training windows around objects: relative size / shift jitter
@@ -498,6 +596,9 @@ def build(config: Any, *, mode: str) -> System:
   if m["post_process"] not in ("merge", "nms"):
     raise ValueError(f"config.model.post_process: expected 'merge' or 'nms', got "
                      f"{m['post_process']!r}")
+  if m["train_windows"] not in ("jitter", "grid"):
+    raise ValueError(f"config.model.train_windows: expected 'jitter' or 'grid', got "
+                     f"{m['train_windows']!r}")
   aspects = tuple(float(a) for a in m["aspect_ratios"])
   scales = win.window_scales(tuple(float(s) for s in m["scales"]), aspects)
   aspect_range = (min(aspects), max(aspects))
@@ -514,12 +615,16 @@ def build(config: Any, *, mode: str) -> System:
     return variables
 
   def loss(variables, batch, rng):
+    grid = None
+    if m["train_windows"] == "grid":
+      grid = test_grid(conv_net, batch["image"].shape[1:3], scales, window=window, step=step)
     return window_loss(net, variables, batch, rng, window=window,
                        num_windows=int(m["num_windows"]),
                        min_side=window / max(max(p) for p in scales),
                        pos_iou=m["pos_iou"], neg_iou=m["neg_iou"], box_iou_min=m["box_iou"],
                        box_weight=m["box_weight"], aspect_range=aspect_range,
-                       jitter=float(m["jitter"]), box_coding=m["box_coding"])
+                       jitter=float(m["jitter"]), box_coding=m["box_coding"],
+                       soft_labels=bool(m["soft_labels"]), grid=grid)
 
   def predict(variables, batch):
     conv_vars = {**variables, "params": to_conv_params(variables["params"],

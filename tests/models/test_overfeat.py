@@ -235,6 +235,45 @@ def test_rectangular_training_windows(rng):
                             num_windows=4, min_side=20.0, aspect_range=(2.0, 0.5))
 
 
+def test_grid_training_windows(nets, rng):
+  """test_grid is dense_windows' window list; grid windows are labelled as anchors are (IoU >=
+  pos or an object's best window: its class; < neg: background) and drawn in fixed shares."""
+  parts, _, conv, params, window, step = nets
+  conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
+  scales = win.window_scales((1.0, 0.7), (0.67, 1.5))
+  images = jnp.zeros((1, 64, 72, 3), jnp.uint8)
+  grid = overfeat.test_grid(conv, (64, 72), scales, window=window, step=step)
+  d = overfeat.dense_windows(conv, conv_params, images, scales, window=window, step=step)
+  np.testing.assert_allclose(grid, d["windows"], rtol=1e-6)
+  gt = np.array([[5, 6, 30, 40], [40, 20, 70, 44], [0, 0, 0, 0]], np.float32)
+  labels = np.array([2, 0, 1], np.int32)
+  mask = np.array([True, True, False])
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  out = overfeat.sample_grid_windows(key, grid, jnp.asarray(gt), jnp.asarray(labels),
+                                     jnp.asarray(mask), jnp.array([64, 72]), num_windows=16,
+                                     num_classes=C, pos_iou=0.6, neg_iou=0.45)
+  g64 = np.asarray(grid, np.float64)
+  iou = np.array([[_iou(w, b) for b in gt[:2].astype(np.float64)] for w in g64])   # [N, 2]
+  best_of_gt = {int(np.argmax(iou[:, j])) for j in range(2)}
+  wins = np.asarray(out["windows"], np.float64)
+  lab = np.asarray(out["labels"])
+  for w, l, v in zip(wins, lab, np.asarray(out["iou"])):
+    if l < 0:
+      assert v == 0                                                        # an unfilled slot
+      continue
+    row = int(np.flatnonzero(np.abs(g64 - w).max(1) < 1e-4)[0])            # a grid window
+    best = iou[row].max()
+    np.testing.assert_allclose(v, best, rtol=1e-4, atol=1e-6)
+    if best >= 0.6 or row in best_of_gt:
+      assert l == labels[int(np.argmax(iou[row]))]
+    elif best < 0.45:
+      assert l == C
+  pos, hard, rest = lab[:6], lab[6:10], lab[10:]                          # shares 3/8, 1/4, 3/8
+  assert ((pos >= 0) & (pos < C)).sum() >= 2 and ((pos < C) | (pos == -1)).all()
+  assert (hard[hard >= 0] == C).all() and (np.asarray(out["iou"])[6:10][hard >= 0] >= 0.1).all()
+  assert (rest == C).all()
+
+
 def test_system_loss_and_predict():
   config = {"num_classes": C, "model": {"backbone_kw": KW, "scales": (1.0, 0.8),
                                         "num_windows": 4, "max_detections": 5,
