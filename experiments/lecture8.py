@@ -37,12 +37,13 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from jaxdet import files
 
 MARKER = "lecture8_stage.json"       # a finished stage's results, in its workdir
 NUM_DRAWN = 3                        # test images drawn per system
@@ -200,21 +201,6 @@ def fingerprint(config: Any) -> str:
   return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON to a temporary file beside `path`, then renames it over `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def read_json(path: str) -> Any | None:
   if not os.path.exists(path):
     return None
@@ -334,7 +320,7 @@ def run_stage(stage: Stage, out: str, *, fast: bool) -> dict[str, Any]:
     result.update(_test(stage, config, workdir, out))
   if stage.system == "fast_rcnn":
     result["trained_proposals"] = str(config.model.get("proposals", ""))
-  write_json_atomic(marker, result)
+  files.write_json(marker, result)
   return {**result, "reused": False}
 
 
@@ -365,7 +351,7 @@ def selective_search_seconds(out: str, fast: bool) -> dict[str, Any]:
   result = {"s_per_image": statistics.median(times), "mode": "fast",
             "image_shape": list(image.shape), "mean_proposals": float(np.mean(counts)),
             "reason": ""}
-  write_json_atomic(path, result)
+  files.write_json(path, result)
   return result
 
 
@@ -563,7 +549,7 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
   summary = {"command": command, "fast": fast, "machine": info, "selective_search": ss,
              "columns": list(COLUMNS), "rows": rows, "pretraining": pretraining,
              "missing": missing}
-  write_json_atomic(os.path.join(out, "lecture8.json"), summary)
+  files.write_json(os.path.join(out, "lecture8.json"), summary)
   plot(rows, os.path.join(out, "speedups.png"))
   print(table)
   return summary

@@ -30,29 +30,17 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxdet import files
+
 log = logging.getLogger(__name__)
 
 STAGE_FILES = {"features": "features_train.npz", "svm": "svm.npz", "bbox_reg": "bbox_reg.npz"}
-
-
-def _save_npz(path: str, arrays: dict[str, Any]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 class _Clock:
@@ -201,7 +189,7 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
   path = _stage_path(workdir, "features")
   if not os.path.exists(path):
     clock = _Clock()
-    _save_npz(path, extract_features(config, system, params))
+    files.save_npz(path, extract_features(config, system, params))
     clock.record(timings, "features")
   feats = _load_npz(path)
   path = _stage_path(workdir, "svm")
@@ -209,7 +197,7 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
     clock = _Clock()
     svm = rcnn.train_svms(feats["fc7"], feats["overlaps"], feats["is_gt"], feats["gt_class"],
                           c, m["svm"], seed=int(config.seed), log=log.info)
-    _save_npz(path, svm)
+    files.save_npz(path, svm)
     clock.record(timings, "svm")
   svm = _load_npz(path)
   path = _stage_path(workdir, "bbox_reg")
@@ -217,7 +205,7 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
     clock = _Clock()
     reg = rcnn.train_bbox_regressors(feats["reg_pool5"], feats["reg_rois"], feats["reg_gt_box"],
                                      feats["reg_gt_class"], c, m["bbox_reg"])
-    _save_npz(path, reg)
+    files.save_npz(path, reg)
     clock.record(timings, "bbox_reg")
   reg = _load_npz(path)
   stage = {"svm_w": svm["svm_w"], "svm_b": svm["svm_b"], "fc7_scale": svm["fc7_scale"],

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from jaxdet import checks
+from jaxdet import checks, files
 
 MODES = ("fast", "quality")
 
@@ -116,20 +115,6 @@ def _meta(mode: str, max_proposals: int, min_size: float, resize_to: int | None,
           "num_examples": int(num_examples), "shard_size": int(shard_size)}
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], suffix: str) -> None:
-  """Writes via a temporary file in the same folder, then renames it over `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _shard_path(cache_dir: str, k: int) -> str:
   return os.path.join(cache_dir, f"shard_{k:05d}.npz")
 
@@ -159,7 +144,7 @@ def _compute_shard(source, options: Mapping[str, Any], cache_dir: str, k: int, s
     ids.append(int(ex.get("image_id", i)))
   arrays = {"boxes": np.stack(boxes), "mask": np.stack(masks), "index": np.arange(start, stop),
             "image_id": np.asarray(ids, np.int64)}
-  _atomic_write(_shard_path(cache_dir, k), lambda f: np.savez(f, **arrays), ".npz")
+  files.save_npz(_shard_path(cache_dir, k), arrays)
   return stop - start
 
 
@@ -196,7 +181,7 @@ def compute_proposals(source, cache_dir: str, *, mode: str = "fast",
       raise ValueError(f"cache_dir: {cache_dir} holds proposals made with {old}, not {meta}; "
                        f"use another folder or delete it")
   else:
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()), ".json")
+    files.write_json(meta_path, meta, indent=2)
   shards = [(cache_dir, k, s, min(s + shard_size, n))
             for k, s in enumerate(range(0, n, shard_size))]
   todo = [t for t in shards if not os.path.exists(_shard_path(cache_dir, t[1]))]
