@@ -34,7 +34,6 @@ from jaxdet import checks
 from jaxdet import losses
 from jaxdet.models import backbones
 from jaxdet.models.backbones import normalize_images
-from jaxdet.models.fast_rcnn import _frozen_labels as frozen_labels
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
@@ -311,7 +310,6 @@ MODEL_DEFAULTS = {
     "backbone_kw": TINY_BACKBONE_KW,   # variant "tiny": get_backbone("tiny", **backbone_kw)
     "init_from": "",           # variant "tiny": a finished classify run's workdir whose "conv"
                                # starts the backbone (jaxdet.train.init_from); "" = scratch
-    "frozen": (),              # variant "tiny": backbone conv layers kept at their values
     "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0, "lambda_class": 1.0},
     "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,
                 "pre_nms_topk": 0},   # 0 = every (box, class) pair enters NMS
@@ -418,4 +416,4 @@ def build_system(config: Any) -> System:
     return jax.vmap(post)(preds, batch["image_size"])
 
   return System(name="yolo", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net}, param_labels=frozen_labels(m["frozen"]))
+                extras={"network": net})
