@@ -250,15 +250,16 @@ def test_grid(conv_net: WindowNet, image_hw: Sequence[int], scales: Sequence[Any
 
 def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Array,
                         gt_mask: Array, image_size: Array, *, num_windows: int, num_classes: int,
-                        pos_iou: float, neg_iou: float, hard_iou: float = 0.1
-                        ) -> dict[str, Array]:
+                        pos_iou: float, neg_iou: float, hard_iou: float = 0.1,
+                        shares: tuple[float, float] = (0.375, 0.25)) -> dict[str, Array]:
   """Training windows drawn from the test-time grid itself, labelled as anchors are.
 
   Each grid window inside the real image is positive (its best object's class) when its IoU
   with that object is >= pos_iou or it is an object's best window (`match_boxes`
-  allow_low_quality), background when < neg_iou, ignored in between. Drawn: 3/8 of num_windows
-  among the positives, 1/4 among the hard negatives (best IoU in [hard_iou, neg_iou): windows
-  partly on an object), the rest among all negatives, each uniformly; a share with too few
+  allow_low_quality), background when < neg_iou, ignored in between. Drawn: shares[0] of
+  num_windows among the positives, shares[1] among the hard negatives (best IoU in
+  [hard_iou, neg_iou): windows partly on an object), the rest among all negatives, each
+  uniformly (round(share * num_windows) windows); a share with too few
   candidates is labelled -1 (ignored) in its unfilled slots. So the classifier learns to rank
   exactly the windows it scores at test time, the best-placed one above its neighbours.
 
@@ -277,7 +278,9 @@ def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Arr
   iou = box_iou(grid, gt_boxes.astype(jnp.float32))                          # [N, M]
   matched_gt, max_iou, lab = match_boxes(iou, gt_mask, high=pos_iou, low=neg_iou,
                                          allow_low_quality=True, row_mask=inside)
-  n_pos, n_hard = round(0.375 * s), round(0.25 * s)
+  n_pos, n_hard = round(shares[0] * s), round(shares[1] * s)
+  if n_pos + n_hard > s:
+    raise ValueError(f"shares: expected shares summing to at most 1, got {shares!r}")
   shares = ((lab == 1, n_pos), ((lab == 0) & (max_iou >= hard_iou), n_hard),
             (lab == 0, s - n_pos - n_hard))
   idx, ok = [], []
@@ -323,7 +326,8 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
                 neg_iou: float, box_iou_min: float, box_weight: float,
                 aspect_range: tuple[float, float] = (1.0, 1.0), jitter: float = 0.2,
                 box_coding: str = "window", soft_labels: bool = False,
-                grid: Array | None = None, mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
+                grid: Array | None = None, grid_shares: tuple[float, float] = (0.375, 0.25),
+                mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
   """The training loss of a dense-form `WindowNet` on sampled windows of a batch of images.
 
   loss = mean softmax CE over non-ignored windows + box_weight * mean over regression windows
@@ -337,7 +341,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   class probability rises with the window's overlap and the best-placed window scores highest.
 
   grid: f32[N, 4] the test-time windows (`test_grid`): training windows are drawn from them
-  (`sample_grid_windows`, anchor-style labels) instead of `sample_windows`.
+  (`sample_grid_windows`, anchor-style labels, in grid_shares) instead of `sample_windows`.
 
   Returns:
     (loss f32[], metrics {"loss/class", "loss/box", "window_accuracy", "positive_fraction"},
@@ -356,7 +360,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   else:
     labelled = jax.vmap(functools.partial(
         sample_grid_windows, grid=grid, num_windows=num_windows, num_classes=net.num_classes,
-        pos_iou=pos_iou, neg_iou=neg_iou))(keys, gt_boxes=batch["boxes"],
+        pos_iou=pos_iou, neg_iou=neg_iou, shares=tuple(grid_shares)))(keys, gt_boxes=batch["boxes"],
                                            gt_labels=batch["labels"], gt_mask=batch["box_mask"],
                                            image_size=batch["image_size"])
     wins = labelled["windows"]
@@ -546,6 +550,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "pos_iou": 0.5, "neg_iou": 0.3, "box_iou": 0.4,
     "train_windows": "jitter",     # "jitter": sample_windows around objects and at random;
                                    # "grid": drawn from the test-time windows (sample_grid_windows)
+    "grid_shares": (0.375, 0.25),  # grid: the shares of positive and hard negative windows
     "soft_labels": False,          # class target t = clip((IoU - neg) / (pos - neg), 0, 1), the
                                    # rest background (window_loss); False: hard, in-between ignored
     "box_weight": 1.0,
@@ -624,7 +629,8 @@ def build(config: Any, *, mode: str) -> System:
                        pos_iou=m["pos_iou"], neg_iou=m["neg_iou"], box_iou_min=m["box_iou"],
                        box_weight=m["box_weight"], aspect_range=aspect_range,
                        jitter=float(m["jitter"]), box_coding=m["box_coding"],
-                       soft_labels=bool(m["soft_labels"]), grid=grid)
+                       soft_labels=bool(m["soft_labels"]), grid=grid,
+                       grid_shares=tuple(float(v) for v in m["grid_shares"]))
 
   def predict(variables, batch):
     conv_vars = {**variables, "params": to_conv_params(variables["params"],

@@ -272,6 +272,10 @@ def test_grid_training_windows(nets, rng):
   assert ((pos >= 0) & (pos < C)).sum() >= 2 and ((pos < C) | (pos == -1)).all()
   assert (hard[hard >= 0] == C).all() and (np.asarray(out["iou"])[6:10][hard >= 0] >= 0.1).all()
   assert (rest == C).all()
+  with pytest.raises(ValueError, match="shares"):
+    overfeat.sample_grid_windows(key, grid, jnp.asarray(gt), jnp.asarray(labels),
+                                 jnp.asarray(mask), jnp.array([64, 72]), num_windows=16,
+                                 num_classes=C, pos_iou=0.6, neg_iou=0.45, shares=(0.75, 0.5))
 
 
 def test_system_loss_and_predict():
