@@ -10,16 +10,23 @@ One network (`WindowNet`) serves two systems:
   scale are mapped back to the image and merged by OverFeat's greedy merging
   (`jaxdet.ops.windows.merge_boxes`).
 
-Training (both systems): from each image `num_windows` square windows are sampled (half around
-ground-truth objects with jittered centre and size, half uniformly), cropped and resized to the
-network's input size `window` (RoI align on the pixels), labelled with the class of the
-ground-truth box of highest IoU when IoU >= pos_iou, background (index C) when < neg_iou,
-ignored in between; the regressor learns, on windows with IoU >= box_iou, the matched box coded
-relative to the window (`encode_in_window`), with an L2 loss.
+Training (both systems): from each image `num_windows` windows are cropped and warped to the
+network's input size `window` (RoI align on the pixels). train_windows "jitter"
+(`sample_windows`): half around ground-truth objects with jittered centre and size, half
+uniformly (square, or rectangular with aspect_ratios other than (1.0,)), labelled with the class
+of the ground-truth box of highest IoU when IoU >= pos_iou, background (index C) when < neg_iou,
+ignored in between (or soft IoU targets, soft_labels). train_windows "grid"
+(`sample_grid_windows`): drawn from the very windows scored at test time (`dense_grid`),
+labelled as anchors are (an object's best window is positive too). The regressor learns, on
+windows with IoU >= box_iou, the matched box coded relative to the window (box_coding "window":
+`encode_in_window`, L2; "deltas": R-CNN's, smooth L1).
 
 Test time: the fc layers become convolutions (`to_conv_params`, the same weights reshaped), so
 one pass over an image resized by s gives class scores and boxes for every window of size
-`window / s` at a step of `step / s` pixels (`jaxdet.ops.windows.window_grid`).
+`window / s` at a step of `step / s` pixels (`jaxdet.ops.windows.window_grid`); resized by
+(sy, sx), windows `window / sx` wide and `window / sy` high (scales x aspect_ratios,
+`jaxdet.ops.windows.window_scales`). OverFeat's boxes are merged (post_process "merge") or
+go through per-class NMS ("nms").
 """
 
 from __future__ import annotations
@@ -229,7 +236,7 @@ def sample_windows(key: Array, gt_boxes: Array, gt_mask: Array, image_size: Arra
   return jnp.where(use_obj[:, None], around, uniform)
 
 
-def test_grid(conv_net: WindowNet, image_hw: Sequence[int], scales: Sequence[Any], *,
+def dense_grid(conv_net: WindowNet, image_hw: Sequence[int], scales: Sequence[Any], *,
               window: int, step: int) -> Array:
   """Every window `dense_windows` scores on an image of size image_hw (static), in its order.
 
@@ -264,7 +271,7 @@ def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Arr
   exactly the windows it scores at test time, the best-placed one above its neighbours.
 
   Args:
-    key: PRNG key; grid: f32[N, 4] (`test_grid`); gt_boxes f32[M, 4], gt_labels i32[M],
+    key: PRNG key; grid: f32[N, 4] (`dense_grid`); gt_boxes f32[M, 4], gt_labels i32[M],
       gt_mask bool[M]; image_size i32[2] (height, width) of the real pixels.
   Returns:
     {"windows": f32[S, 4], "labels": i32[S] in {-1, 0..C} (C = background),
@@ -340,7 +347,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   object's class and 1 - t on background (CE = t CE(object) + (1 - t) CE(background)), so the
   class probability rises with the window's overlap and the best-placed window scores highest.
 
-  grid: f32[N, 4] the test-time windows (`test_grid`): training windows are drawn from them
+  grid: f32[N, 4] the test-time windows (`dense_grid`): training windows are drawn from them
   (`sample_grid_windows`, anchor-style labels, in grid_shares) instead of `sample_windows`.
 
   Returns:
@@ -622,7 +629,7 @@ def build(config: Any, *, mode: str) -> System:
   def loss(variables, batch, rng):
     grid = None
     if m["train_windows"] == "grid":
-      grid = test_grid(conv_net, batch["image"].shape[1:3], scales, window=window, step=step)
+      grid = dense_grid(conv_net, batch["image"].shape[1:3], scales, window=window, step=step)
     return window_loss(net, variables, batch, rng, window=window,
                        num_windows=int(m["num_windows"]),
                        min_side=window / max(max(p) for p in scales),

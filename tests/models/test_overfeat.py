@@ -236,13 +236,13 @@ def test_rectangular_training_windows(rng):
 
 
 def test_grid_training_windows(nets, rng):
-  """test_grid is dense_windows' window list; grid windows are labelled as anchors are (IoU >=
+  """dense_grid is dense_windows' window list; grid windows are labelled as anchors are (IoU >=
   pos or an object's best window: its class; < neg: background) and drawn in fixed shares."""
   parts, _, conv, params, window, step = nets
   conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
   scales = win.window_scales((1.0, 0.7), (0.67, 1.5))
   images = jnp.zeros((1, 64, 72, 3), jnp.uint8)
-  grid = overfeat.test_grid(conv, (64, 72), scales, window=window, step=step)
+  grid = overfeat.dense_grid(conv, (64, 72), scales, window=window, step=step)
   d = overfeat.dense_windows(conv, conv_params, images, scales, window=window, step=step)
   np.testing.assert_allclose(grid, d["windows"], rtol=1e-6)
   gt = np.array([[5, 6, 30, 40], [40, 20, 70, 44], [0, 0, 0, 0]], np.float32)
