@@ -355,8 +355,7 @@ def make_network(model_cfg: Any, dtype: Any = jnp.float32) -> YOLONet:
   return YOLONet(num_classes=m["num_classes"], grid_size=m["grid_size"],
                  num_boxes=m["num_boxes"], layers=layers, fc_dim=m["fc_dim"] or fc_dim,
                  dropout_rate=m["dropout_rate"], batch_norm=m["batch_norm"], conv=conv,
-                 head=m["head"],
-                 dtype=jnp.dtype(dtype))
+                 head=m["head"], dtype=jnp.dtype(dtype))
 
 
 def build_system(config: Any) -> System:
