@@ -97,7 +97,7 @@ STAGES: tuple[Stage, ...] = (
                     "experiments.rcnn_stages:stage_variables"), init_from="classify"),
     Stage("fast_rcnn", "Fast R-CNN", "selective_search", init_from="classify"),
     Stage("faster_rcnn", "Faster R-CNN", "rpn", init_from="classify"),
-    Stage("yolo", "YOLO v1"),
+    Stage("yolo", "YOLO v1", init_from="classify"),
 )
 REFERENCE = "rcnn"                   # speedups are against this stage
 
