@@ -72,8 +72,14 @@ class WindowNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array | None]:
+  def __call__(self, x: Array, train: bool = False,
+               context: int = 0) -> tuple[Array, Array | None]:
+    """context (dense form): the input holds `context` feature cells of surroundings on each
+    side of the window (windows f[N, window + 2 context stride, ...]); they feed the conv part
+    (as neighbouring pixels feed the dense map at test time) and are cut before the fc part."""
     f = self.conv(x, train=train)
+    if context:
+      f = f[:, context:f.shape[1] - context, context:f.shape[2] - context]
     if self.pool5 is not None:
       f = backbones.max_pool(f, *self.pool5)
     h = self.fc(f, train=train)
@@ -334,7 +340,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
                 aspect_range: tuple[float, float] = (1.0, 1.0), jitter: float = 0.2,
                 box_coding: str = "window", soft_labels: bool = False,
                 grid: Array | None = None, grid_shares: tuple[float, float] = (0.375, 0.25),
-                mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
+                context: int = 0, stride: int = 8, mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
   """The training loss of a dense-form `WindowNet` on sampled windows of a batch of images.
 
   loss = mean softmax CE over non-ignored windows + box_weight * mean over regression windows
@@ -349,6 +355,10 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
 
   grid: f32[N, 4] the test-time windows (`dense_grid`): training windows are drawn from them
   (`sample_grid_windows`, anchor-style labels, in grid_shares) instead of `sample_windows`.
+
+  context: each window is cropped with `context` cells (context * stride network pixels) of
+  its surroundings on each side, as the dense map's features see them at test time; the net
+  cuts them before its fc part (needs no pool5).
 
   Returns:
     (loss f32[], metrics {"loss/class", "loss/box", "window_accuracy", "positive_fraction"},
@@ -371,10 +381,15 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
                                            gt_labels=batch["labels"], gt_mask=batch["box_mask"],
                                            image_size=batch["image_size"])
     wins = labelled["windows"]
-  crops = jax.vmap(functools.partial(win.crop_windows, size=window))(batch["image"], wins)
-  crops = crops.reshape(b * num_windows, window, window, 3)
+  pad = context * stride                                                    # network pixels
+  size = window + 2 * pad
+  grow = jnp.tile(wins[..., 2:] - wins[..., :2], 2) * (pad / window)       # [B, S, 4]
+  outer = wins + jnp.array([-1.0, -1.0, 1.0, 1.0]) * grow
+  crops = jax.vmap(functools.partial(win.crop_windows, size=size))(batch["image"], outer)
+  crops = crops.reshape(b * num_windows, size, size, 3)
   x = backbones.normalize_images(crops, net.dtype)
-  out = net.apply(variables, x, train=True, rngs={"dropout": k_drop}, mutable=mutable)
+  out = net.apply(variables, x, train=True, context=context, rngs={"dropout": k_drop},
+                  mutable=mutable)
   (logits, boxes), new_state = out if mutable else (out, {})
   labels = labelled["labels"].reshape(-1)
   keep = labels >= 0
@@ -558,6 +573,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "train_windows": "jitter",     # "jitter": sample_windows around objects and at random;
                                    # "grid": drawn from the test-time windows (sample_grid_windows)
     "grid_shares": (0.375, 0.25),  # grid: the shares of positive and hard negative windows
+    "context": 0,                  # training crops carry this many feature cells of surroundings
+                                   # on each side (window_loss; no pool5 backbones)
     "soft_labels": False,          # class target t = clip((IoU - neg) / (pos - neg), 0, 1), the
                                    # rest background (window_loss); False: hard, in-between ignored
     "box_weight": 1.0,
@@ -608,6 +625,8 @@ def build(config: Any, *, mode: str) -> System:
   if m["post_process"] not in ("merge", "nms"):
     raise ValueError(f"config.model.post_process: expected 'merge' or 'nms', got "
                      f"{m['post_process']!r}")
+  if int(m["context"]) and parts.pool5 is not None:
+    raise ValueError("config.model.context: needs a backbone without pool5 (tiny)")
   if m["train_windows"] not in ("jitter", "grid"):
     raise ValueError(f"config.model.train_windows: expected 'jitter' or 'grid', got "
                      f"{m['train_windows']!r}")
@@ -637,7 +656,8 @@ def build(config: Any, *, mode: str) -> System:
                        box_weight=m["box_weight"], aspect_range=aspect_range,
                        jitter=float(m["jitter"]), box_coding=m["box_coding"],
                        soft_labels=bool(m["soft_labels"]), grid=grid,
-                       grid_shares=tuple(float(v) for v in m["grid_shares"]))
+                       grid_shares=tuple(float(v) for v in m["grid_shares"]),
+                       context=int(m["context"]), stride=step)
 
   def predict(variables, batch):
     conv_vars = {**variables, "params": to_conv_params(variables["params"],

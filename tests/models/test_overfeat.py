@@ -141,6 +141,36 @@ def test_anisotropic_scale_dense_equals_explicit_rectangular_crops(rng):
     np.testing.assert_allclose(e["boxes"][:, inner], d["boxes"][:, inner], rtol=1e-4, atol=1e-3)
 
 
+def test_context_crops_give_the_dense_map_cells():
+  """context = 1: a window cropped with one feature cell (stride pixels) of surroundings on each
+  side, its extra cells cut after the conv part, gives the dense map's output at that window
+  (exact for unpadded patchify convs on an affine image, windows inside the image)."""
+  convs = ((6, 2, 2, 0, None), (8, 2, 2, 0, None))                       # stride 4, no padding
+  parts = backbones.get_backbone("alexnet", convs=convs, pool5=(1, 1, 0), fc_features=(12,),
+                                 roi_size=3, dropout_rate=0.0)
+  window, step = overfeat.network_geometry(parts)                         # 12, 4
+  dense = overfeat.make_network(parts, C, C)
+  conv = overfeat.make_network(parts, C, C, as_conv=True)
+  params = dense.init(jax.random.PRNGKey(3), jnp.zeros((1, window, window, 3)))
+  conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
+  yy, xx = np.mgrid[0:64, 0:96].astype(np.float64)
+  images = jnp.asarray(np.stack([2 * xx + 3, 3 * yy + 5, 100 + xx - yy], -1)[None], jnp.uint8)
+  scale = (0.75, 0.5)
+  d = overfeat.dense_windows(conv, conv_params, images, (scale,), window=window, step=step)
+  wins = np.asarray(d["windows"], np.float64)
+  pad = np.array([-1, -1, 1, 1]) * np.tile([step / scale[1], step / scale[0]], 2)   # one cell
+  outer = wins + pad
+  inner = (outer[:, 0] >= 1) & (outer[:, 1] >= 1) & (outer[:, 2] <= 95) & (outer[:, 3] <= 63)
+  assert inner.sum() >= 2
+  crops = win.crop_windows(images[0], jnp.asarray(outer[inner], jnp.float32), window + 2 * step)
+  logits, boxes = dense.apply(params, backbones.normalize_images(crops), context=1)
+  np.testing.assert_allclose(jax.nn.softmax(logits, -1), d["probs"][0, inner], rtol=1e-4,
+                             atol=1e-5)
+  codes = np.asarray(boxes)
+  want = win.encode_in_window(d["boxes"][0, inner], jnp.asarray(wins[inner, None], jnp.float32))
+  np.testing.assert_allclose(codes, want, rtol=1e-3, atol=1e-4)
+
+
 def test_box_codings_against_reference(rng):
   """"window": fractions of the window; "deltas": R-CNN's, times (10, 10, 5, 5); both invert."""
   wins = np.concatenate([rng.uniform(0, 50, (16, 2)), rng.uniform(0, 50, (16, 2)) + 60], 1)
