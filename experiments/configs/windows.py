@@ -11,9 +11,14 @@ cpu preset (since this revision): rectangular windows, scales (1.5, 1.0, 0.7, 0.
 aspect_ratios (0.67, 1, 1.5) (anisotropic resizing: the best window has IoU >= 0.7 with 78% of
 the test objects instead of 48%), training windows drawn from that test-time grid with
 anchor-style labels (train_windows "grid": IoU >= 0.6 or an object's best window: its class;
-< 0.45 background; 3/8 positives, 1/4 hard negatives of IoU >= 0.1), conv + fc from the classify
-cpu run (model.init_from; lecture8 Stage init_from="rcnn/pretrain"), Adam 1e-3 cosine,
-800 steps x 16 images x 16 windows. Not yet at the lecture's 0.7.
+< 0.45 background; 3/8 positives, 1/4 hard negatives of IoU >= 0.1), each cropped with one
+feature cell (8 px at the network's scale) of surroundings (context 1: the classifier sees what
+the dense map's features see at test time), conv + fc from the classify cpu run
+(model.init_from; lecture8 Stage init_from="rcnn/pretrain"), Adam 1e-3 cosine, 420 steps x 16
+images x 16 windows: VOC07 mAP 0.674 (AP75 0.076), 119 s CPU.
+
+At the budget of about 120 s CPU the preset stays just under the lecture's 0.7; with
+--config.train.num_steps=600 (158 s) it reaches 0.745.
 
 Measured on the 256 synthetic test images (process CPU user+sys of the train command on one
 core, final test eval included, eval.every_steps=0; machine shared with other work, so test
@@ -31,8 +36,10 @@ images/s are rough: the 12 window grids cost about 3x the previous 4 at test tim
     same checkpoint, NMS 0.2 / 0.45 (0.3 in the preset)        0.523 / 0.494
     same checkpoint, class-agnostic NMS 0.3 / 0.5              0.502 / 0.453
     same checkpoint, on 256 training images                    0.583
-  this preset (+ init_from, lr 1e-3, 800 steps)                0.527  0.023   111
-  this preset, grid_shares (0.25, 0.5)                         0.522  0.020   107
+  grid + init_from, lr 1e-3, 800 steps (context 0)             0.527  0.023   111
+    same, grid_shares (0.25, 0.5)                              0.522  0.020   107
+  same + context 1, 600 steps (two runs sharing the core)      0.745  0.098   158
+  this preset (context 1, 420 steps)                           0.674  0.076   119
   scales (1.3, 0.9, 0.6) in training and test, scratch, lr     0.509  0.041   110
     2e-3, 900 steps
 
@@ -40,11 +47,13 @@ images/s are rough: the 12 window grids cost about 3x the previous 4 at test tim
         --config.model.init_from=CLASSIFY_RUN
     (variants: --config.model.KEY=VALUE, --config.train.num_steps, ...)
 
-Where it stands: for each test object, the best-scoring window over it (IoU > 0.2) has IoU >= 0.5
+Before context (the runs above it): for each test object, the best-scoring window over it
+(IoU > 0.2) has IoU >= 0.5
 for 72% (previous preset), 73% (rect, jitter), 78% (rect, grid). The classifier now limits: of
 the 300 best detections on 128 test images (grid run), 42% are correct; 1/3 of the rest are
 confident detections of the wrong class on windows partly over an object (parts of a
-rectangle, diamond or triangle look alike), 1/6 background, 1/6 badly placed windows.
+rectangle, diamond or triangle look alike), 1/6 background, 1/6 badly placed windows; crops
+with context let the classifier see the rest of the object.
 Earlier: 7 square scales 0.53; pos_iou 0.6 / neg_iou 0.4 with warm-up and 65536 fresh images
 0.44 (236 s); square windows from the classify run, 800 steps at lr 2e-3 0.42 (115 s).
 """
@@ -66,6 +75,7 @@ def model_config(preset: str) -> dict:
         "pos_iou": 0.6, "neg_iou": 0.45, "soft_labels": False,
         "train_windows": "grid",          # drawn from the test-time windows (anchor-style)
         "grid_shares": (0.375, 0.25),     # grid: positive and hard negative shares
+        "context": 1,                     # feature cells of surroundings in training crops
         "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 50,
         "init_from": "",   # a finished classify run (same backbone): conv + fc start from it
     }
@@ -79,6 +89,7 @@ def model_config(preset: str) -> dict:
       "pos_iou": 0.5, "neg_iou": 0.3, "soft_labels": False,
       "train_windows": "jitter",
       "grid_shares": (0.375, 0.25),
+      "context": 0,
       "score_threshold": 0.05, "iou_threshold": 0.3, "max_detections": 100,
       "init_from": "",
   }
@@ -89,7 +100,7 @@ def get_config(preset: str = "cpu"):
   config.system = "windows"
   config.model = model_config(preset)
   if preset == "cpu":
-    config.train.num_steps = 800
+    config.train.num_steps = 420
     config.train.batch_size = 16
     config.eval.every_steps = 0
     config.checkpoint.every_steps = 500
