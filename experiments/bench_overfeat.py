@@ -3,7 +3,7 @@ r"""Dense (fc layers as convolutions) vs explicit (crop every window) sliding-wi
     python -m experiments.bench_overfeat [--backbone tiny] [--image 128] [--batch 4] [--reps 3]
 
 Both give class scores and boxes for the same windows (every window of the multi-scale grid of
-the overfeat cpu config): dense runs the network once per scale; explicit crops each window,
+the overfeat cpu config: its sizes x aspect ratios): dense runs the network once per scale; explicit crops each window,
 resizes it to the network input and runs the fc network on it. Prints seconds per image for
 each (compilation excluded), the speedup, the number of windows and the largest difference of
 class probabilities (nonzero only through the conv layers' zero padding at window borders).
@@ -21,6 +21,7 @@ import numpy as np
 
 from experiments import benchlib
 from jaxdet.models import backbones, overfeat
+from jaxdet.ops import windows as win
 
 
 def main(argv=None) -> dict:
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
   conv_net = overfeat.make_network(parts, c, c, as_conv=True)
   params = dense_net.init(jax.random.PRNGKey(0), jnp.zeros((1, window, window, 3)))
   conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
-  scales = tuple(m["scales"])
+  scales = win.window_scales(m["scales"], m["aspect_ratios"])   # (sy, sx) per window shape
   images = jnp.asarray(np.random.default_rng(0).integers(
       0, 256, (args.batch, args.image, args.image, 3)), jnp.uint8)
   dense = jax.jit(lambda p, x: overfeat.dense_windows(conv_net, p, x, scales, window=window,

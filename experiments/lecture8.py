@@ -89,8 +89,8 @@ STAGES: tuple[Stage, ...] = (
     # on ImageNet), whose conv and fc layers start the detectors that share its backbone.
     Stage("classify", "Classification pretraining on object crops", detector=False),
     Stage("localization", "Localization as regression (single object)"),
-    Stage("windows", "Sliding windows (brute force)"),
-    Stage("overfeat", "OverFeat (dense windows + box merging)"),
+    Stage("windows", "Sliding windows (brute force)", init_from="classify"),
+    Stage("overfeat", "OverFeat (dense windows + box merging)", init_from="classify"),
     Stage("rcnn", "R-CNN", "selective_search", driver="experiments.rcnn_stages:train_and_evaluate",
           variables="experiments.lecture8:rcnn_variables",
           requires=("experiments.rcnn_stages:finetuned_params",

@@ -31,9 +31,9 @@ Presets:
          Measured (seed 0; CPU = user + sys of the train command under /usr/bin/time, pinned to
          one core of a 2-core machine shared with other runs, load 5-7, which inflates sys):
            python -m experiments.train --config experiments/configs/yolo.py:cpu --workdir W \
-               --config.model.init_from=out/lecture8/work/rcnn/pretrain [overrides below]
+               --config.model.init_from=out/lecture8/work/classify [overrides below]
            python -m experiments.evaluate --config experiments/configs/yolo.py:cpu --workdir W \
-               --config.model.init_from=out/lecture8/work/rcnn/pretrain
+               --config.model.init_from=out/lecture8/work/classify
          VOC07 mAP@0.5 on the 256 synthetic test images:
          * this preset: 0.736 (COCO AP50 0.760, AP 0.324); 131 s CPU (109 user + 22 sys),
            143 s wall; seed 1 (--config.seed=1): 0.753 (COCO AP50 0.773, AP 0.329); 130 s CPU;
