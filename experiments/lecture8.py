@@ -286,8 +286,12 @@ def _test(stage: Stage, config: Any, workdir: str, out: str) -> dict[str, Any]:
       zoom = DRAW_ZOOM   # nearest-neighbour upscaling, so that the tags stay legible
       image = np.repeat(np.repeat(batch["image"][0, :h, :w], zoom, 0), zoom, 1)
       real = batch["box_mask"][0]
-      picture = draw_detections(image, det["boxes"] * zoom, det["labels"], det["scores"],
-                                class_names=names, score_threshold=0.3,
+      # The best detections (scores of 0.3 or more), at most two more than the objects: the
+      # picture stays readable for systems whose scores are not probabilities (OverFeat's
+      # merged boxes carry summed scores).
+      top = np.argsort(-np.asarray(det["scores"]), kind="stable")[:int(real.sum()) + 2]
+      picture = draw_detections(image, det["boxes"][top] * zoom, det["labels"][top],
+                                det["scores"][top], class_names=names, score_threshold=0.3,
                                 gt_boxes=batch["boxes"][0][real] * zoom,
                                 gt_labels=batch["labels"][0][real])
       path = os.path.join(out, "detections", f"{stage.system}_{i}.png")
