@@ -53,8 +53,7 @@ from experiments.configs import windows
 
 
 def get_config(preset: str = "cpu"):
-  config = common.base_config(preset)
-  config.system = "overfeat"
+  config = windows.window_config(preset, "overfeat")   # the windows net and its schedule
   model = windows.model_config(preset)
   model.update({
       "box_head": "per_class",     # "per_class" | "agnostic"
@@ -68,19 +67,4 @@ def get_config(preset: str = "cpu"):
       "score_threshold": 0.1,
   })
   config.model = model
-  if preset == "cpu":
-    config.train.num_steps = 600
-    config.train.batch_size = 16
-    config.eval.every_steps = 0
-    config.checkpoint.every_steps = 500
-    config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.weight_decay = 1e-4
-    config.optimizer.schedule = "cosine"
-  else:
-    config.data.resize.mode = "min_size"
-    config.data.resize.min_sizes = (480,)
-    config.data.resize.max_size = 800
-    config.optimizer.learning_rate = 0.01
-    config.optimizer.decay_steps = (30_000,)
   return common.finalize(config)

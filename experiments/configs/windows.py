@@ -93,9 +93,11 @@ def model_config(preset: str) -> dict:
   }
 
 
-def get_config(preset: str = "cpu"):
+def window_config(preset: str, system: str):
+  """The unlocked config of a window system ("windows" or "overfeat"): model_config(preset)
+  and the schedule both systems train with."""
   config = common.base_config(preset)
-  config.system = "windows"
+  config.system = system
   config.model = model_config(preset)
   if preset == "cpu":
     config.train.num_steps = 600
@@ -112,4 +114,8 @@ def get_config(preset: str = "cpu"):
     config.data.resize.max_size = 800
     config.optimizer.learning_rate = 0.01
     config.optimizer.decay_steps = (30_000,)
-  return common.finalize(config)
+  return config
+
+
+def get_config(preset: str = "cpu"):
+  return common.finalize(window_config(preset, "windows"))
