@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxdet import losses
 from jaxdet.models import backbones
+from jaxdet.models.settings import merge_settings
 from jaxdet.ops import windows as win
 from jaxdet.system import System
 
@@ -78,11 +79,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
 def build_system(config: Any) -> System:
   """The "classify" System from an experiment config (keys: MODEL_DEFAULTS)."""
   model = config["model"] if "model" in config else {}
-  model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
-  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - {"num_classes"})
-  if unknown:
-    raise ValueError(f"config.model: unknown keys {unknown}; known: {sorted(MODEL_DEFAULTS)}")
-  m = {**MODEL_DEFAULTS, **model}
+  given = {k: v for k, v in model.items() if k != "num_classes"}   # config.num_classes wins
+  m = merge_settings(MODEL_DEFAULTS, given, "config.model")
   c = int(config["num_classes"])
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
   parts = backbones.get_backbone(m["backbone"], dtype=dtype, **dict(m["backbone_kw"]))

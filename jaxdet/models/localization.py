@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxdet import checks, losses
 from jaxdet.models import backbones
+from jaxdet.models.settings import merge_settings
 from jaxdet.ops.boxes import clip_boxes
 from jaxdet.system import System
 
@@ -262,11 +263,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
 def build_system(config: Any) -> System:
   """The "localization" System from an experiment config (keys: MODEL_DEFAULTS)."""
   model = config["model"] if "model" in config else {}
-  model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
-  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - {"num_classes"})
-  if unknown:
-    raise ValueError(f"config.model: unknown keys {unknown}; known: {sorted(MODEL_DEFAULTS)}")
-  m = {**MODEL_DEFAULTS, **model}
+  given = {k: v for k, v in model.items() if k != "num_classes"}   # config.num_classes wins
+  m = merge_settings(MODEL_DEFAULTS, given, "config.model")
   if m["targets"] not in TARGETS:
     raise ValueError(f"config.model.targets: expected one of {sorted(TARGETS)}, "
                      f"got {m['targets']!r}")
