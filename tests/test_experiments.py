@@ -91,3 +91,11 @@ def test_own_data_snippet(tmp_path):
       config, str(tmp_path), own_data_example.make_examples(12, 0),
       own_data_example.make_examples(5, 1), ["square", "bar"])
   assert scores["num_images"] == 5 and 0.0 <= scores["voc07_map"] <= 1.0
+
+
+def test_gpu_benchmarks_script_rejects_an_unknown_part(tmp_path):
+  import subprocess
+  done = subprocess.run(["bash", "experiments/gpu_benchmarks.sh", "c", str(tmp_path)],
+                        capture_output=True, text=True, cwd=os.path.dirname(
+                            os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode == 2 and "expected a, b or small, got 'c'" in done.stderr
