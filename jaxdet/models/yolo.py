@@ -34,6 +34,7 @@ from jaxdet import checks
 from jaxdet import losses
 from jaxdet.models import backbones
 from jaxdet.models.backbones import normalize_images
+from jaxdet.models.settings import merge_settings
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
@@ -316,21 +317,15 @@ MODEL_DEFAULTS = {
 }
 
 
-def _section(cfg: Any, key: str) -> dict[str, Any]:
-  """cfg[key] (a ConfigDict or dict) as a plain dict over the defaults; unknown keys raise."""
-  defaults = MODEL_DEFAULTS[key] if key else MODEL_DEFAULTS
-  given = cfg.get(key, {}) if key else cfg
-  given = dict(given.items()) if given is not None else {}
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"config.model{'.' + key if key else ''}: unknown keys {unknown}; "
-                     f"expected some of {sorted(defaults)}")
-  return {**defaults, **given}
+def model_settings(model_cfg: Any) -> dict[str, Any]:
+  """A `config.model` section (ConfigDict or dict) over `MODEL_DEFAULTS`, nested sections
+  ("loss", "predict") merged key by key; an unknown key raises, naming its path."""
+  return merge_settings(MODEL_DEFAULTS, model_cfg, "config.model")
 
 
 def make_network(model_cfg: Any, dtype: Any = jnp.float32) -> YOLONet:
   """The network of a `config.model` section (keys and defaults: `MODEL_DEFAULTS`)."""
-  m = _section(model_cfg, "")
+  m = model_settings(model_cfg)
   if m["variant"] not in VARIANTS:
     raise ValueError(f"config.model.variant: expected one of {sorted(VARIANTS)}, "
                      f"got {m['variant']!r}")
@@ -371,9 +366,8 @@ def build_system(config: Any) -> System:
   model_cfg = dict((config["model"] if "model" in config else {}).items())
   if config.get("num_classes") is not None:   # one's own data: config.num_classes wins
     model_cfg["num_classes"] = int(config["num_classes"])
-  m = _section(model_cfg, "")
-  loss_cfg = _section(model_cfg, "loss")
-  pred_cfg = _section(model_cfg, "predict")
+  m = model_settings(model_cfg)
+  loss_cfg, pred_cfg = m["loss"], m["predict"]
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
   net = make_network(model_cfg, dtype)
   b, s, c = m["num_boxes"], m["grid_size"], m["num_classes"]
