@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxdet import checks, losses
 from jaxdet.models import backbones
+from jaxdet.models.settings import merge_settings
 from jaxdet.ops import box_coder
 from jaxdet.ops import windows as win
 from jaxdet.ops.nms import multiclass_nms
@@ -599,11 +600,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
 def model_settings(config: Any) -> dict[str, Any]:
   """MODEL_DEFAULTS updated by config.model (unknown keys are an error)."""
   model = config["model"] if "model" in config else {}
-  model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
-  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - {"num_classes"})
-  if unknown:
-    raise ValueError(f"config.model: unknown keys {unknown}; known: {sorted(MODEL_DEFAULTS)}")
-  return {**MODEL_DEFAULTS, **model}
+  given = {k: v for k, v in model.items() if k != "num_classes"}   # config.num_classes wins
+  return merge_settings(MODEL_DEFAULTS, given, "config.model")
 
 
 def build(config: Any, *, mode: str) -> System:
