@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import sys
 import time
@@ -49,6 +48,7 @@ import numpy as np
 import optax
 
 from experiments import benchlib
+from jaxdet import files
 from jaxdet.models import backbones, fast_rcnn
 from jaxdet.ops.crop_resize import crop_and_resize
 from jaxdet.train import state as state_lib
@@ -314,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"svd ranks {report['svd_ranks']}: fc parameters {report['fc_params'][0]} -> "
           f"{report['fc_params'][1]}")
     if args.out:
-      with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+      files.write_json(args.out, report)
     return report
   s = settings(args.small, args.dtype, args.proposals)
   dtype = jnp.dtype(s["dtype"])
@@ -362,8 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"(step {1e3 * report['train']['step_s']:.1f} ms); torchvision: "
           f"{report['train_torch']}")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+    files.write_json(args.out, report)
   return report
 
 

@@ -31,7 +31,6 @@ except through the number of boxes NMS keeps: both keep their fixed caps in prac
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -39,10 +38,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib
+from jaxdet import files
 from jaxdet.models import faster_rcnn
 from jaxdet.train import optim, state as state_lib, step as step_lib
 
@@ -226,8 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                use_torch=not args.no_torch)
   print(format_table(result))
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    files.write_json(args.out, result)
   return result
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from typing import Any, Callable
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchlib import machine_info, time_jax, time_torch
+from jaxdet import files
 from jaxdet.ops.boxes import box_iou
 from jaxdet.ops.nms import nms
 
@@ -269,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(f"sizes: {size}, median of {result['repeats']} repeats, compile time excluded\n")
   print(format_table(result["rows"]))
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    files.write_json(args.out, result)
   bad = [r["op"] + " " + r["size"] for r in result["rows"] if r.get("ok") is False]
   if bad:
     print("\nOUTPUTS DISAGREE:", "; ".join(bad))

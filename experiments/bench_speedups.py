@@ -35,7 +35,6 @@ torch, torchvision and cv2.ximgproc are optional.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_yolo, benchlib
+from jaxdet import files
 
 # The papers' K40 figures (test seconds per image; R-CNN and Fast R-CNN with VGG16, Faster
 # R-CNN with VGG16 and its RPN), as the lecture shows them.
@@ -419,8 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   table = format_table(result)
   print(table)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_speedups.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  files.write_json(os.path.join(args.out, "bench_speedups.json"), result)
   with open(os.path.join(args.out, "bench_speedups.md"), "w") as f:
     f.write(table + "\n")
   plot(result, os.path.join(args.out, "speedups.png"))

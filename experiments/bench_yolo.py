@@ -24,7 +24,6 @@ Paper reference: 45 images/s on a Titan X (YOLO), 155 for Fast YOLO.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib
+from jaxdet import files
 from jaxdet.models import yolo
 from jaxdet.models.backbones import normalize_images
 
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result = run("small" if args.small else "full", batch_sizes, args.dtype, args.repeats)
   print(format_table(result))
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    files.write_json(args.out, result)
   return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 
+from jaxdet import files
 from jaxdet.system import System
 from jaxdet.train import parallel, setup
 from jaxdet.train.evaluate import evaluate_variables
@@ -160,8 +160,8 @@ def _run(config, system, runner, state, rng, loader, schedule, ckpt, writer, mak
 def write_eval_json(workdir: str, step: int, metrics: dict[str, float]) -> str:
   """Writes {"step", **metrics} to workdir/eval.json; returns its path."""
   path = os.path.join(workdir, "eval.json")
-  with open(path, "w") as f:
-    json.dump({"step": step, **{k: float(v) for k, v in metrics.items()}}, f, indent=2)
+  files.write_json(path, {"step": step, **{k: float(v) for k, v in metrics.items()}},
+                   indent=2)
   return path
 
 
