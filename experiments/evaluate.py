@@ -10,7 +10,6 @@ function (compilation excluded) over `config.eval.split`.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from experiments.configs import common
@@ -32,10 +31,7 @@ def main(argv: list[str]) -> dict:
     from jaxdet.train.loop import evaluate
   if config.system == "faster_rcnn":   # 4-step training: the detector is its last step's
     from jaxdet.models import faster_rcnn
-    stage, sub = faster_rcnn.final_stage(config)
-    config.model.stage, workdir = stage, os.path.join(workdir, sub)
-    if sub:
-      config.model.alternating_steps = ()   # as train_alternating trained that step
+    config, workdir = faster_rcnn.detector_run(config, workdir)
   scores = evaluate(config, workdir)
   print(json.dumps(scores))
   return scores

@@ -92,11 +92,31 @@ def model_config(config: Any) -> dict[str, Any]:
   return cfg
 
 
-def final_stage(config: Any) -> tuple[str, str]:
-  """(stage, subfolder) of the network a run of `config` leaves: the last step and its folder
-  for ALTERNATING, else config.model.stage and "" (the workdir itself)."""
-  stage = model_config(config)["stage"]
-  return (STAGES[-1], STAGES[-1]) if stage == ALTERNATING else (stage, "")
+def step_config(config: Any, stage: str, num_steps: int | None = None) -> Any:
+  """A copy of the experiment config `config` (a ConfigDict) for one step of the 4-step
+  schedule: model.stage = `stage` and no schedule in model (so that the step's checkpoint
+  fingerprint is its network's alone); with `num_steps`, that training length, the optimizer's
+  warm-up and decay boundaries scaled by num_steps / config.train.num_steps."""
+  import copy
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
+    cfg.model.stage = stage
+    cfg.model.alternating_steps = ()
+    if num_steps is not None:
+      ratio = int(num_steps) / int(cfg.train.num_steps)
+      cfg.train.num_steps = int(num_steps)
+      cfg.optimizer.decay_steps = tuple(int(round(d * ratio))
+                                        for d in cfg.optimizer.decay_steps)
+      cfg.optimizer.warmup_steps = int(round(cfg.optimizer.warmup_steps * ratio))
+  return cfg
+
+
+def detector_run(config: Any, workdir: str) -> tuple[Any, str]:
+  """(config, workdir) of the detector a training run of `config` in `workdir` leaves: for
+  ALTERNATING its last step's (`step_config`, workdir/<step>), else the two unchanged."""
+  if model_config(config)["stage"] != ALTERNATING:
+    return config, workdir
+  return step_config(config, STAGES[-1]), os.path.join(workdir, STAGES[-1])
 
 
 class FasterRCNNNet(fast_rcnn.FastRCNNNet):
@@ -352,15 +372,13 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
   """The paper's 4-step alternating training, each step in workdir/<stage>, each resumable.
 
   Step i trains with `config.model.stage` = the i-th of STAGES[1:] for `steps[stage]` steps
-  (default: config.model.alternating_steps, then config.train.num_steps; the optimizer's
-  warm-up and decay boundaries scale by steps[stage] / config.train.num_steps) through `jaxdet.train.train_and_evaluate`, so an
-  interrupted step resumes from its own checkpoints and a finished one (its eval.json at the
+  (default: config.model.alternating_steps, then config.train.num_steps; see `step_config`)
+  through `jaxdet.train.train_and_evaluate`, so an interrupted step resumes from its own checkpoints and a finished one (its eval.json at the
   last step) is not run again; its final parameters are read back from its checkpoint.
 
   Returns:
     {stage: the eval metrics of that step}; the last one is the detector's.
   """
-  import copy
   from jaxdet.train import loop, setup
 
   if steps is None:
@@ -368,16 +386,7 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
   done: dict[str, Any] = {}
   results: dict[str, Any] = {}
   for stage in STAGES[1:]:
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
-      cfg.model.stage = stage
-      cfg.model.alternating_steps = ()   # one step's network: no schedule in its fingerprint
-      if stage in steps:   # the schedule's boundaries scale with the step's length
-        ratio = int(steps[stage]) / int(cfg.train.num_steps)
-        cfg.train.num_steps = int(steps[stage])
-        cfg.optimizer.decay_steps = tuple(int(round(d * ratio))
-                                          for d in cfg.optimizer.decay_steps)
-        cfg.optimizer.warmup_steps = int(round(cfg.optimizer.warmup_steps * ratio))
+    cfg = step_config(config, stage, steps.get(stage))
     system = build_system(cfg, init_params=_stage_init(stage, done))
     stage_dir = os.path.join(workdir, stage)
     eval_path = os.path.join(stage_dir, "eval.json")

@@ -126,8 +126,13 @@ def test_alternating_schedule_config():
     faster_rcnn.model_config(_config(alternating_steps=(4, 3)))
   with pytest.raises(ValueError, match="alternating_steps"):
     faster_rcnn.model_config(_config(alternating_steps=(4, 3, 0, 1)))
-  assert faster_rcnn.final_stage(_config(stage="alternating")) == ("4_fast_rcnn", "4_fast_rcnn")
-  assert faster_rcnn.final_stage(_config()) == ("joint", "")
+  import ml_collections
+  config = ml_collections.ConfigDict(_config(stage="alternating", alternating_steps=(4, 3, 2, 1)))
+  final, workdir = faster_rcnn.detector_run(config, "/w")
+  assert (final.model.stage, tuple(final.model.alternating_steps)) == ("4_fast_rcnn", ())
+  assert workdir == "/w/4_fast_rcnn" and config.model.stage == "alternating"
+  joint = ml_collections.ConfigDict(_config())
+  assert faster_rcnn.detector_run(joint, "/w") == (joint, "/w")
 
 
 def test_train_alternating_runs_each_step_for_its_steps(monkeypatch, tmp_path, rng):
