@@ -175,12 +175,10 @@ def bench_torch(small: bool, batch, num_classes: int, steps: int) -> dict[str, A
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   if small:
     return {"skipped": "the tiny backbone has no torchvision counterpart"}
-  vgg = torchvision.models.vgg16(weights=None)
-  features = vgg.features[:-1]                       # conv5_3 + ReLU, no pool5
-  fc = vgg.classifier[:-1]                           # fc6, ReLU, dropout, fc7, ReLU, dropout
-  cls = torch.nn.Linear(4096, num_classes + 1)
-  box = torch.nn.Linear(4096, 4 * num_classes)
-  model = torch.nn.ModuleDict({"features": features, "fc": fc, "cls": cls, "box": box}).to(dev)
+  from experiments import torch_twins
+  parts = torch_twins.vgg16_parts(torch, torchvision, num_classes, dev)
+  model = torch.nn.ModuleDict({"features": parts["conv5"], "fc": parts["fc"],
+                               "cls": parts["cls"], "box": parts["bbox"]}).to(dev)
   model = model.to(memory_format=torch.channels_last)
   opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
   b = batch["image"].shape[0]
@@ -200,7 +198,9 @@ def bench_torch(small: bool, batch, num_classes: int, steps: int) -> dict[str, A
     opt.zero_grad(set_to_none=True)
     with torch.autocast(dev, dtype=torch.bfloat16):
       f = model["features"](images)
-      p = roi_pool(f, rois, (7, 7), 1.0 / 16)
+      # float32, as torchvision's CUDA autocast rule for roi_pool does (its CPU kernel has no
+      # bfloat16 and CPU autocast has no such rule)
+      p = roi_pool(f.float(), rois, (7, 7), 1.0 / 16)
       h = model["fc"](p.flatten(1))
       logits, deltas = model["cls"](h), model["box"](h).view(-1, num_classes, 4)
     fg = labels > 0

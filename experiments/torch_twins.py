@@ -1,11 +1,12 @@
 """The torchvision-built twins of jaxdet's region detectors, for the speed comparisons.
 
 Imported only where torch and torchvision are: every function takes the modules it needs.
-One definition serves `bench_faster_rcnn` and `bench_speedups`, so that both time the same twin:
+One definition serves `bench_fast_rcnn`, `bench_faster_rcnn` and `bench_speedups`, so that
+they time the same twins:
 
 * `vgg16_parts`: VGG16's conv part to conv5_3 + ReLU (stride 16, no pool5), its fc6/fc7 (with
-  ReLU and dropout, as torchvision's classifier) and fresh heads: (C + 1)-way scores and
-  4 (C + 1) box deltas.
+  ReLU and dropout, as torchvision's classifier) and fresh heads as jaxdet's Fast R-CNN has
+  them: (C + 1)-way scores and 4 C class-specific box deltas.
 * `faster_rcnn`: `torchvision.models.detection.FasterRCNN` on those parts, with Fast R-CNN's
   RoI max pooling (7 x 7 at 1/16) in place of its RoI align.
 """
@@ -17,12 +18,12 @@ from typing import Any, Sequence
 
 def vgg16_parts(torch: Any, torchvision: Any, num_classes: int, device: Any) -> dict[str, Any]:
   """{"conv5": conv1_1..conv5_3 + ReLU, "fc": fc6, ReLU, dropout, fc7, ReLU, dropout,
-  "cls": Linear(4096, C + 1), "bbox": Linear(4096, 4 (C + 1))}, random weights, on `device`."""
+  "cls": Linear(4096, C + 1), "bbox": Linear(4096, 4 C)}, random weights, on `device`."""
   vgg = torchvision.models.vgg16(weights=None).to(device)
   return {"conv5": vgg.features[:-1],
           "fc": torch.nn.Sequential(*list(vgg.classifier)[:-1]),
           "cls": torch.nn.Linear(4096, num_classes + 1).to(device),
-          "bbox": torch.nn.Linear(4096, 4 * (num_classes + 1)).to(device)}
+          "bbox": torch.nn.Linear(4096, 4 * num_classes).to(device)}
 
 
 def roi_max_pool(torchvision: Any, output_size: int = 7, spatial_scale: float = 1 / 16) -> Any:
