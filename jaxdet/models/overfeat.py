@@ -325,13 +325,12 @@ def label_windows(windows: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Ar
      "matched": f32[S, 4] the best object's box (zeros without objects),
      "object_class": i32[S] the best object's class (C without objects)}.
   """
-  iou = jnp.where(gt_mask[None, :], box_iou(windows, gt_boxes), -1.0)      # [S, M]
-  best = jnp.argmax(iou, axis=1)
-  best_iou = jnp.maximum(jnp.max(iou, axis=1), 0.0)
-  cls = jnp.where(best_iou >= pos_iou, gt_labels[best].astype(jnp.int32), -1)
-  cls = jnp.where(best_iou < neg_iou, num_classes, cls)
-  matched = jnp.where(gt_mask.any(), gt_boxes[best].astype(jnp.float32), 0.0)
-  obj_cls = jnp.where(gt_mask.any(), gt_labels[best].astype(jnp.int32), num_classes)
+  best, best_iou, lab = match_boxes(box_iou(windows, gt_boxes), gt_mask, high=pos_iou,
+                                    low=neg_iou)                              # [S] each
+  has_gt = gt_mask.any()
+  obj_cls = jnp.where(has_gt, gt_labels[best].astype(jnp.int32), num_classes)
+  cls = jnp.where(lab == 1, obj_cls, jnp.where(lab == 0, num_classes, -1))
+  matched = jnp.where(has_gt, gt_boxes[best].astype(jnp.float32), 0.0)
   return {"labels": cls, "iou": best_iou, "matched": matched, "object_class": obj_cls}
 
 
