@@ -6,8 +6,10 @@ One place for the errors a user sees: each names the argument, what was expected
 * trace-time checks (`check_array`, `check_boxes`, `check_same_size`, `check_mask`,
   `check_positive`): look only at shapes and dtypes, so they are safe inside `jax.jit` and
   raise while tracing;
-* host-side value checks (`check_box_values`, `check_label_values`): look at the numbers
-  (NaN, x2 < x1, labels out of range) of NumPy arrays where data enters jaxdet.
+* host-side value checks (`check_image`, `check_box_values`, `check_label_values`): look
+  at the numbers (NaN, x2 < x1, labels out of range) of NumPy arrays where data enters
+  jaxdet; the box and label checks also take the concatenated boxes of many examples with
+  the example of each (`owner`), to check a whole dataset in one vectorised pass.
 """
 
 from __future__ import annotations
@@ -102,42 +104,103 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
       raise ValueError(f"{name}: expected values {bound}, got {value!r}")
 
 
-def check_box_values(name: str, boxes: np.ndarray, *, height: float | None = None,
-                     width: float | None = None, example_id: Any = None) -> None:
+def check_image(name: str, image: Any, *, example_id: Any = None) -> None:
+  """Host-side: an image must be u8[H, W, 3] RGB (grey u8[H, W] or [H, W, 1] too), H, W > 0.
+
+  Raises:
+    TypeError (not uint8) / ValueError (wrong rank, channels or an empty side) naming the
+    argument and the example.
+  """
+  where = "" if example_id is None else f" (example {example_id})"
+  dtype, shape = getattr(image, "dtype", None), tuple(np.shape(image))
+  if dtype != np.uint8:
+    raise TypeError(f"{name}{where}: expected uint8 RGB pixels, got dtype {dtype} and shape "
+                    f"{shape}")
+  if len(shape) == 2:
+    shape = shape + (1,)
+  if len(shape) != 3 or shape[-1] not in (1, 3) or shape[0] == 0 or shape[1] == 0:
+    raise ValueError(f"{name}{where}: expected shape (H, W, 3) with H, W > 0, got "
+                     f"{tuple(np.shape(image))}")
+
+
+def _first_bad(problems: list[tuple[np.ndarray, str]]) -> tuple[int, str] | None:
+  """(index, reason) of the first entry with any problem (the first reason that applies)."""
+  bad = np.zeros(len(problems[0][0]), bool)
+  for mask, _ in problems:
+    bad |= mask
+  if not bad.any():
+    return None
+  i = int(np.argmax(bad))
+  return i, next(reason for mask, reason in problems if mask[i])
+
+
+def _where(i: int, example_id: Any, owner: np.ndarray | None) -> tuple[str, int]:
+  """(" (example ...)", index within the example) of entry i for the error message."""
+  if owner is None:
+    return ("" if example_id is None else f" (example {example_id})"), i
+  k = int(owner[i])
+  j = int(np.sum(owner[:i] == k))
+  return f" (example {k if example_id is None else example_id[k]})", j
+
+
+def check_box_values(name: str, boxes: np.ndarray, *, height: Any = None, width: Any = None,
+                     example_id: Any = None, owner: np.ndarray | None = None,
+                     allow_empty: bool = True) -> None:
   """Host-side: boxes f32[N, 4] must be finite with x1 <= x2, y1 <= y2 (and inside the image).
 
+  Checks many examples at once when their boxes are concatenated and `owner` says whose each
+  box is (one vectorised pass; the error names the first offending box).
+
+  Args:
+    height, width: the image size; with `owner`, also per-box arrays f[N] (each box's image).
+    example_id: named in the error: the example's id, or with `owner` a sequence of
+      per-example ids indexed by `owner`.
+    owner: int[N] (optional) the example of each box; the error then gives the box's index
+      within its example.
+    allow_empty: False makes boxes of zero width or height an error too.
   Raises:
     ValueError naming the argument, the example and the first offending box.
   """
   boxes = np.asarray(boxes)
   check_boxes(name, boxes, ndim=2)
-  where = "" if example_id is None else f" (example {example_id})"
-  if not np.all(np.isfinite(boxes)):
-    i = int(np.argwhere(~np.isfinite(boxes))[0, 0])
-    raise ValueError(f"{name}{where}: box {i} is not finite: {boxes[i].tolist()}")
-  bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-  if bad.any():
-    i = int(np.argmax(bad))
-    raise ValueError(f"{name}{where}: box {i} has x2 < x1 or y2 < y1 (format is x1, y1, x2, y2 "
-                     f"in pixels): {boxes[i].tolist()}")
-  if height is not None and width is not None and len(boxes):
+  if not len(boxes):
+    return
+  x1, y1, x2, y2 = (boxes[:, k] for k in range(4))
+  problems = [(~np.all(np.isfinite(boxes), axis=1), "is not finite"),
+              ((x2 < x1) | (y2 < y1),
+               "has x2 < x1 or y2 < y1 (format is x1, y1, x2, y2 in pixels)")]
+  if not allow_empty:
+    problems.append(((x2 <= x1) | (y2 <= y1), "has zero area"))
+  if height is not None and width is not None:
     tol = 1e-3
-    out = ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > width + tol)
-           | (boxes[:, 3] > height + tol))
-    if out.any():
-      i = int(np.argmax(out))
-      raise ValueError(f"{name}{where}: box {i} {boxes[i].tolist()} lies outside the "
-                       f"{height}x{width} (height x width) image")
+    problems.append(((x1 < -tol) | (y1 < -tol) | (x2 > np.asarray(width) + tol)
+                     | (y2 > np.asarray(height) + tol), "outside"))
+  first = _first_bad(problems)
+  if first is None:
+    return
+  i, reason = first
+  where, j = _where(i, example_id, owner)
+  if reason == "outside":
+    h, w = (v[i] if np.ndim(v) else v for v in (height, width))
+    raise ValueError(f"{name}{where}: box {j} {boxes[i].tolist()} lies outside the "
+                     f"{h}x{w} (height x width) image")
+  raise ValueError(f"{name}{where}: box {j} {reason}: {boxes[i].tolist()}")
 
 
 def check_label_values(name: str, labels: np.ndarray, num_classes: int, *,
-                       example_id: Any = None) -> None:
-  """Host-side: integer labels must lie in [0, num_classes)."""
+                       example_id: Any = None, owner: np.ndarray | None = None,
+                       hint: str = "") -> None:
+  """Host-side: integer labels must lie in [0, num_classes).
+
+  Args:
+    example_id, owner: as for `check_box_values` (labels of many examples concatenated).
+    hint: appended to the error (e.g. how to fix the class list).
+  """
   labels = np.asarray(labels)
   check_array(name, labels, ndim=1, dtype_kind="iu")
-  where = "" if example_id is None else f" (example {example_id})"
   bad = (labels < 0) | (labels >= num_classes)
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"{name}{where}: label {int(labels[i])} at index {i} is outside "
-                     f"[0, {num_classes}) for {num_classes} classes")
+    where, j = _where(i, example_id, owner)
+    raise ValueError(f"{name}{where}: label {int(labels[i])} at index {j} is outside "
+                     f"[0, {num_classes}) for {num_classes} classes{hint}")

@@ -203,20 +203,13 @@ def validate_example(example: Mapping[str, Any], num_classes: int, *, index: int
     empty), boxes not finite, inverted, outside the image or of zero area, labels out of range.
   """
   eid = example.get("image_id", index)
-  where = f" (example {eid})"
   if "image" not in example or "boxes" not in example or "labels" not in example:
-    raise ValueError(f"example{where}: expected keys 'image', 'boxes', 'labels', got "
+    raise ValueError(f"example (example {eid}): expected keys 'image', 'boxes', 'labels', got "
                      f"{sorted(example)}")
   image = np.asarray(example["image"])
-  if image.dtype != np.uint8:
-    raise TypeError(f"image{where}: expected uint8 RGB pixels, got dtype {image.dtype} "
-                    f"and shape {image.shape}")
+  checks.check_image("image", image, example_id=eid)
   if image.ndim == 2:
     image = image[..., None]
-  if image.ndim != 3 or image.shape[-1] not in (1, 3) or image.shape[0] == 0 \
-      or image.shape[1] == 0:
-    raise ValueError(f"image{where}: expected shape (H, W, 3) with H, W > 0, got "
-                     f"{image.shape}")
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   h, w = image.shape[:2]
@@ -226,13 +219,9 @@ def validate_example(example: Mapping[str, Any], num_classes: int, *, index: int
   labels = np.asarray(example["labels"])
   if labels.size == 0:
     labels = labels.reshape(0).astype(np.int32)
-  checks.check_box_values("boxes", boxes, height=h, width=w, example_id=eid)
+  checks.check_box_values("boxes", boxes, height=h, width=w, example_id=eid, allow_empty=False)
   checks.check_same_size("boxes", boxes, "labels", labels)
   checks.check_label_values("labels", labels, num_classes, example_id=eid)
-  empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-  if empty.any():
-    i = int(np.argmax(empty))
-    raise ValueError(f"boxes{where}: box {i} has zero area: {boxes[i].tolist()}")
   out = dict(example)
   out.update(image=image, boxes=boxes, labels=labels.astype(np.int32), image_id=eid)
   if out.get("difficult") is not None:
@@ -241,9 +230,84 @@ def validate_example(example: Mapping[str, Any], num_classes: int, *, index: int
   return out
 
 
+def validate_examples(examples: Sequence[Mapping[str, Any]], num_classes: int, *,
+                      name: str = "examples", max_boxes: int | None = None,
+                      box_policy: str = "error",
+                      buckets: Sequence[Sequence[int]] | None = None, hint: str = "") -> None:
+  """Checks every example of a list at once, before any is used (what validate_example checks
+  one by one when an example is read), so that a bad example stops a run before its first step
+  rather than when it is first drawn.
+
+  One pass over the examples reads only their shapes and dtypes; the boxes and labels of all
+  examples are then concatenated and checked in one vectorised pass (jaxdet.checks).
+
+  Args:
+    examples: the list (see source_from_examples).
+    num_classes: labels must lie in [0, num_classes).
+    name: the argument's name in errors ("examples", "eval_examples").
+    max_boxes, box_policy: with policy "error", more than max_boxes boxes in an example is an
+      error (None: not checked).
+    buckets: (H, W) batch shapes; every image must fit one (resize mode "none"; None: not
+      checked).
+    hint: appended to the label error (e.g. the class names).
+  Raises:
+    ValueError / TypeError naming `name`, the example (its image_id and list index), the box or
+    label and why: missing keys, image not u8[H, W, 3], boxes not [N, 4] or not finite,
+    x2 < x1, zero area, outside the image, labels not integers or out of range, too many boxes,
+    an image larger than every bucket.
+  """
+  if examples is None or len(examples) == 0:
+    raise ValueError(f"{name}: expected a non-empty list of {{'image', 'boxes', 'labels'}} "
+                     f"dicts, got {examples!r}"[:200])
+  ids, sizes, all_boxes, all_labels = [], [], [], []
+  for i, ex in enumerate(examples):
+    eid = f"{ex.get('image_id', i) if isinstance(ex, Mapping) else i}, {name}[{i}]"
+    if not isinstance(ex, Mapping) or not {"image", "boxes", "labels"} <= set(ex):
+      got = sorted(ex) if isinstance(ex, Mapping) else type(ex).__name__
+      raise ValueError(f"example (example {eid}): expected a dict with keys 'image', 'boxes', "
+                       f"'labels', got {got}")
+    image = np.asarray(ex["image"])
+    checks.check_image("image", image, example_id=eid)
+    boxes = np.asarray(ex["boxes"], np.float32)
+    boxes = boxes.reshape(0, 4) if boxes.size == 0 else boxes
+    labels = np.asarray(ex["labels"])
+    labels = labels.reshape(0).astype(np.int32) if labels.size == 0 else labels
+    checks.check_boxes(f"boxes (example {eid})", boxes)
+    checks.check_array(f"labels (example {eid})", labels, ndim=1, dtype_kind="iu")
+    checks.check_same_size(f"boxes (example {eid})", boxes, f"labels (example {eid})", labels)
+    ids.append(eid)
+    sizes.append(image.shape[:2])
+    all_boxes.append(boxes)
+    all_labels.append(labels)
+  counts = np.array([len(b) for b in all_boxes])
+  sizes = np.array(sizes).reshape(-1, 2)                          # [n, 2] (H, W)
+  owner = np.repeat(np.arange(len(counts)), counts)               # [N] example of each box
+  boxes = np.concatenate(all_boxes)                               # [N, 4]
+  checks.check_box_values("boxes", boxes, height=sizes[owner, 0], width=sizes[owner, 1],
+                          example_id=ids, owner=owner, allow_empty=False)
+  checks.check_label_values("labels", np.concatenate(all_labels).astype(np.int64),
+                            num_classes, example_id=ids, owner=owner, hint=hint)
+  if max_boxes is not None and box_policy == "error" and (counts > max_boxes).any():
+    k = int(np.argmax(counts > max_boxes))
+    batching.pad_boxes(all_boxes[k], all_labels[k], int(max_boxes), policy=box_policy,
+                       example_id=ids[k])   # raises its error (how to fix max_boxes)
+  if buckets:
+    b = np.array([tuple(x) for x in buckets]).reshape(-1, 2)      # [k, 2]
+    fits = ((sizes[:, None, 0] <= b[None, :, 0]) & (sizes[:, None, 1] <= b[None, :, 1])).any(1)
+    if not fits.all():
+      k = int(np.argmin(fits))
+      h, w = (int(x) for x in sizes[k])
+      raise ValueError(
+          f"image (example {ids[k]}): {h}x{w} (height x width) is larger than every batch "
+          f"shape {[tuple(int(v) for v in x) for x in b]}; with resize mode 'none' set the data "
+          f"config's image_size to at least ({int(sizes[:, 0].max())}, "
+          f"{int(sizes[:, 1].max())}), add a larger bucket to `buckets`, or resize "
+          f"(resize.mode 'shorter_side' or 'square')")
+
+
 def source_from_examples(examples: Sequence[Mapping[str, Any]], class_names: Sequence[str]
                          ) -> ValidatedSource:
-  """A validated random-access source over user examples.
+  """A validated random-access source over user examples (all validated here, up front).
 
   Args:
     examples: dicts {"image": u8[H, W, 3], "boxes": f32[N, 4] (x1, y1, x2, y2) pixels,
@@ -251,42 +315,152 @@ def source_from_examples(examples: Sequence[Mapping[str, Any]], class_names: Seq
       optional "image_id": int (default: the list index)}.
     class_names: the C class names.
   """
-  if not class_names:
-    raise ValueError("class_names: expected at least one class name, got none")
-  return ValidatedSource(ListSource(examples, class_names))
+  return ValidatedSource(_examples_source(examples, class_names))
 
 
-def make_source(data_config: Mapping[str, Any], split: str, *,
-                examples: Sequence[Mapping[str, Any]] | None = None,
-                class_names: Sequence[str] | None = None) -> ValidatedSource:
-  """The random-access source of a data config's dataset and split ("train" or "test").
+def _class_hint(class_names: Sequence[str]) -> str:
+  """"2 names: square, bar" (the first few of a long list)."""
+  names = tuple(class_names)
+  shown = names if len(names) <= 8 else names[:6] + ("...",)
+  return f"{len(names)} names: {', '.join(map(str, shown))}"
 
-  Returns a source with `len`, `[i]` -> validated example dict, `class_names`, `num_classes`.
-  For name "examples" pass the examples (and class_names) here.
-  """
+
+def _examples_source(examples: Sequence[Mapping[str, Any]] | None,
+                     class_names: Sequence[str] | None, *, name: str = "examples",
+                     data_config: Mapping[str, Any] | None = None) -> ListSource:
+  """ListSource over user examples, every example validated first (validate_examples); with
+  a data config, also against its max_boxes / box_policy and (resize mode "none") buckets."""
+  if examples is None or class_names is None:
+    raise ValueError(f"{name}: data config name 'examples' needs the list of examples and "
+                     f"class_names (passed to make_source / make_loader, or to "
+                     f"train_and_evaluate / evaluate as examples=, eval_examples=, "
+                     f"class_names=), got {name}={type(examples).__name__}, "
+                     f"class_names={class_names!r}"[:400])
+  if not class_names or isinstance(class_names, str):
+    raise ValueError(f"class_names: expected a non-empty list of class names, got "
+                     f"{class_names!r}")
+  kw: dict[str, Any] = {}
+  if data_config is not None:
+    kw = {"max_boxes": int(data_config["max_boxes"]),
+          "box_policy": data_config.get("box_policy", "error")}
+    if data_config["resize"]["mode"] == "none":
+      kw["buckets"] = data_config.get("buckets") or transforms.default_buckets(data_config)
+  validate_examples(examples, len(class_names), name=name,
+                    hint=f"; class_names has {_class_hint(class_names)}: add the missing "
+                         f"class names or fix the label", **kw)
+  return ListSource(examples, class_names)
+
+
+def _dataset(data_config: Mapping[str, Any], split: str, *,
+             examples: Sequence[Mapping[str, Any]] | None, class_names: Sequence[str] | None,
+             examples_name: str = "examples"):
+  """The unwrapped source of a data config's dataset and split (see make_source)."""
   name = data_config["name"]
-  num = data_config.get("num_train" if split == "train" else "num_test")
+  key = "num_train" if split == "train" else "num_test"
+  num = data_config.get(key)
   if name in ("synthetic", "synthetic_single"):
-    if not num:
-      raise ValueError(f"num_train / num_test: the synthetic dataset needs a positive size, "
-                       f"got {num!r}")
-    src = synthetic.SyntheticDetection(
+    if not num or int(num) <= 0:
+      raise ValueError(f"data.{key}: the synthetic dataset's {split!r} split needs a positive "
+                       f"size, got {num!r}; set --config.data.{key}=N")
+    return synthetic.SyntheticDetection(
         int(num), image_size=tuple(data_config["image_size"]),
         min_objects=int(data_config.get("min_objects", 0)),
         max_objects=int(data_config.get("max_objects", 4)),
         seed=int(data_config.get("seed", 0)), split=split,
         single_object=(name == "synthetic_single"))
-  elif name in ("voc2007", "voc2012", "coco2017"):
+  if name in ("voc2007", "voc2012", "coco2017"):
     from jaxdet.data import tfds as tfds_lib   # tfds itself is imported lazily in there
-    src = tfds_lib.TfdsDetection(name, split, data_dir=data_config.get("data_dir") or None,
-                                 num_examples=int(num) if num else None)
-  elif name == "examples":
-    if examples is None or class_names is None:
-      raise ValueError("examples: data config name 'examples' needs the list of examples and "
-                       "class_names passed to make_source / make_loader")
-    src = ListSource(examples, class_names)
-  else:
-    raise ValueError(f"name: expected one of {SOURCE_NAMES}, got {name!r}")
+    return tfds_lib.TfdsDetection(name, split, data_dir=data_config.get("data_dir") or None,
+                                  num_examples=int(num) if num else None)
+  if name == "examples":
+    return _examples_source(examples, class_names, name=examples_name, data_config=data_config)
+  raise ValueError(f"data.name: expected one of {SOURCE_NAMES}, got {name!r}")
+
+
+def check_num_classes(num_classes: int, source: Any, dataset: str) -> None:
+  """The model's class count must be the dataset's: labels >= num_classes would be out of
+  range for the losses, and classes the data never has would dilute mAP.
+
+  Args:
+    num_classes: C of the model (an experiment's config.num_classes).
+    source: a source with `num_classes` and `class_names`.
+    dataset: the data config's name (named in the error).
+  """
+  have = int(source.num_classes)
+  if int(num_classes) == have:
+    return
+  if dataset == "examples":
+    raise ValueError(f"num_classes: expected len(class_names) = {have} (class_names has "
+                     f"{_class_hint(source.class_names)}), got num_classes={num_classes}; set "
+                     f"config.num_classes = len(class_names)")
+  raise ValueError(
+      f"num_classes: the dataset {dataset!r} has {have} classes "
+      f"({_class_hint(source.class_names)}), got num_classes={num_classes}, so "
+      + (f"its labels {num_classes}..{have - 1} would be out of range for the model"
+         if num_classes < have else f"{num_classes - have} classes would never be seen")
+      + f"; set --config.num_classes={have} (config.num_classes = {have})")
+
+
+def check_split(data_config: Mapping[str, Any], split: str, *, num_classes: int, train: bool,
+                examples: Sequence[Mapping[str, Any]] | None = None,
+                class_names: Sequence[str] | None = None,
+                examples_name: str = "examples") -> int:
+  """Everything about one split's data that is knowable without reading its images: for a
+  run to check before its first step (jaxdet.train.preflight).
+
+  Checks the data config's box and resize settings, that the split exists and is not empty,
+  that the dataset's class count is `num_classes`, and for user examples every example
+  (validate_examples). Proposals are not computed.
+
+  Args:
+    data_config, split, examples, class_names: as for make_source.
+    num_classes: the model's C.
+    train: the split is read for training (its transform is checked).
+    examples_name: the examples' argument name in errors (e.g. "eval_examples").
+  Returns:
+    The number of examples in the split.
+  """
+  policy = data_config.get("box_policy", "error")
+  if policy not in batching.BOX_POLICIES:
+    raise ValueError(f"data.box_policy: expected one of {batching.BOX_POLICIES}, got "
+                     f"{policy!r}")
+  max_boxes = data_config["max_boxes"]
+  if isinstance(max_boxes, bool) or not isinstance(max_boxes, (int, np.integer)) \
+      or max_boxes < 1:
+    raise ValueError(f"data.max_boxes: expected an integer >= 1, got {max_boxes!r}")
+  name = data_config["name"]
+  objects = int(data_config.get("max_objects", 4))
+  if name == "synthetic" and policy == "error" and objects > max_boxes:
+    raise ValueError(f"data.max_boxes: synthetic images have up to data.max_objects={objects} "
+                     f"objects, more than max_boxes={max_boxes} with box_policy 'error'; set "
+                     f"--config.data.max_boxes={objects} or --config.data.box_policy="
+                     f"keep_largest")
+  transforms.make_transform(data_config, train)
+  if not data_config.get("buckets"):
+    transforms.default_buckets(data_config)
+  source = _dataset(data_config, split, examples=examples, class_names=class_names,
+                    examples_name=examples_name)
+  if len(source) == 0:
+    where = examples_name if name == "examples" else f"data.name={name!r} split {split!r}"
+    raise ValueError(f"{where}: expected at least one example, got an empty split")
+  check_num_classes(num_classes, source, name)
+  return len(source)
+
+
+def make_source(data_config: Mapping[str, Any], split: str, *,
+                examples: Sequence[Mapping[str, Any]] | None = None,
+                class_names: Sequence[str] | None = None,
+                num_classes: int | None = None) -> ValidatedSource:
+  """The random-access source of a data config's dataset and split ("train" or "test").
+
+  Returns a source with `len`, `[i]` -> validated example dict, `class_names`, `num_classes`.
+  For name "examples" pass the examples (and class_names) here; they are all validated here.
+  num_classes: the model's class count; given, it must be the dataset's (check_num_classes),
+  so that every label the source lets through is in range for the model.
+  """
+  src = _dataset(data_config, split, examples=examples, class_names=class_names)
+  if num_classes is not None:
+    check_num_classes(num_classes, src, data_config["name"])
   source = ValidatedSource(src)
   props = data_config.get("proposals")
   if props and int(props.get("max_proposals", 0) or 0) > 0:
@@ -481,7 +655,7 @@ class Loader:
 def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, seed: int,
                 train: bool, examples: Sequence[Mapping[str, Any]] | None = None,
                 class_names: Sequence[str] | None = None, num_devices: int = 1,
-                device_axis: bool = False) -> Loader:
+                device_axis: bool = False, num_classes: int | None = None) -> Loader:
   """The Loader of a data config (see the module docstring for keys and randomness).
 
   Args:
@@ -492,8 +666,10 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
     train: shuffled, repeating, augmented (True) or in order, one pass, padded (False).
     examples, class_names: the user examples when data_config["name"] == "examples".
     num_devices, device_axis: see Loader.
+    num_classes: the model's class count, checked against the dataset's (see make_source).
   """
-  source = make_source(data_config, split, examples=examples, class_names=class_names)
+  source = make_source(data_config, split, examples=examples, class_names=class_names,
+                       num_classes=num_classes)
   buckets = data_config.get("buckets") or transforms.default_buckets(data_config)
   return Loader(source, batch_size=batch_size, max_boxes=int(data_config["max_boxes"]),
                 transform=transforms.make_transform(data_config, train), buckets=buckets,

@@ -158,12 +158,16 @@ def test_user_examples_and_bad_data_named_by_example(rng):
     bad(1, image=np.zeros((20, 30, 4), np.uint8))[1]
   with pytest.raises(ValueError, match=r"example 51.*not finite"):
     bad(1, boxes=np.float32([[1, 1, np.nan, 5]]))[1]
-  # Errors raised in the prefetch thread reach the caller, with the example id.
   many = [dict(e) for e in good]
   many[4]["boxes"] = np.float32([[1, 1, 5, 5]] * 6)
   many[4]["labels"] = np.zeros(6, np.int32)
-  loader = pipeline.make_loader(cfg, "test", batch_size=2, seed=0, train=False, examples=many,
-                                class_names=("a", "b"))
+  with pytest.raises(ValueError, match=r"example 54.*exceed max_boxes=4.*box_policy"):
+    pipeline.make_loader(cfg, "test", batch_size=2, seed=0, train=False, examples=many,
+                         class_names=("a", "b"))   # every example is checked up front
+  # Errors raised in the prefetch thread reach the caller, with the example id.
+  loader = pipeline.Loader(pipeline.ValidatedSource(pipeline.ListSource(many, ("a", "b"))),
+                           batch_size=2, max_boxes=4, transform=lambda ex, rng: ex,
+                           buckets=[(20, 30)], train=False, prefetch=1)
   with pytest.raises(ValueError, match=r"example 54.*exceed max_boxes=4.*box_policy"):
     list(loader)
   with pytest.raises(ValueError, match="examples"):
