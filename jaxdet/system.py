@@ -46,8 +46,10 @@ class System:
       (e.g. {"batch_stats": ...}) and is {} for models without any.
     predict: (variables, batch) -> Detections dict (see module docstring), in eval mode.
     extras: system-specific callables or constants (e.g. post-training transforms).
-      Known key: "eval_metrics", a host function (gts, dets) -> {name: float} whose scores
-      evaluation adds to VOC/COCO (e.g. the localization accuracy of the ILSVRC criterion).
+      Known keys: "eval_metrics", a host function (gts, dets) -> {name: float} whose scores
+      evaluation adds to VOC/COCO (e.g. the localization accuracy of the ILSVRC criterion);
+      "eval_metric_names", the tuple of the names it returns, so that a run can check
+      `checkpoint.best_metric` before its first step (jaxdet.train.preflight).
     param_labels: optional params -> pytree of the same structure with "train" or "frozen"
       at each leaf; the optimizer (jaxdet.train.optim, via optax.multi_transform) leaves
       "frozen" parameters at their values (e.g. the first conv layers of a pretrained

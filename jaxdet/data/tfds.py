@@ -160,6 +160,14 @@ def open_data_source(tfds_name: str, version: str, split: str, data_dir: str | N
     raise
 
 
+def info_num_classes(source: Any) -> int | None:
+  """The label feature's class count in a tfds data source's dataset_info (None: unknown)."""
+  try:
+    return int(source.dataset_info.features["objects"]["label"].num_classes)
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
 class TfdsDetection:
   """Random-access VOC/COCO source: `ds[i]` -> decoded example (see the module docstring).
 
@@ -181,6 +189,11 @@ class TfdsDetection:
     self.split = splits.get(split, split)
     self._decode = decode_coco if name.startswith("coco") else decode_voc
     self._source = open_data_source(tfds_name, version, self.split, data_dir)
+    in_info = info_num_classes(self._source)
+    if in_info is not None and in_info != self.num_classes:
+      raise ValueError(f"name: the prepared {tfds_name}:{version} has {in_info} label classes "
+                       f"(its dataset_info), jaxdet's class list for {name!r} "
+                       f"{self.num_classes}; prepare the version jaxdet reads ({version})")
     n = len(self._source)
     self._len = n if num_examples is None else min(int(num_examples), n)
 

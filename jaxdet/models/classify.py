@@ -124,4 +124,5 @@ def build_system(config: Any) -> System:
             "valid": mask}
 
   return System(name="classify", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "eval_metrics": classification_metrics})
+                extras={"network": net, "eval_metrics": classification_metrics,
+                        "eval_metric_names": ("accuracy",)})

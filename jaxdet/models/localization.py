@@ -205,6 +205,9 @@ def _slot_order(boxes: np.ndarray) -> np.ndarray:
   return np.lexsort((cy, cx))
 
 
+LOCALIZATION_METRIC_NAMES = ("accuracy", "loc_accuracy", "loc_error", "mean_iou")
+
+
 def localization_metrics(gts: Sequence[Mapping[str, Any]], dets: Sequence[Mapping[str, Any]],
                          *, iou_threshold: float = 0.5) -> dict[str, float]:
   """Classification accuracy and the ILSVRC localization criterion of slot predictions.
@@ -304,4 +307,5 @@ def build_system(config: Any) -> System:
         logits, coords, batch["image_size"])
 
   return System(name="localization", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "eval_metrics": localization_metrics})
+                extras={"network": net, "eval_metrics": localization_metrics,
+                        "eval_metric_names": LOCALIZATION_METRIC_NAMES})

@@ -12,6 +12,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+# The metrics evaluate_variables reports for every system; a system's own
+# (System.extras["eval_metrics"]) add the names of its extras["eval_metric_names"].
+METRIC_NAMES = ("voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images")
+
 
 def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: Any, *,
                     max_batches: int = -1) -> tuple[list, list, float, int]:

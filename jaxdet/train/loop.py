@@ -19,6 +19,7 @@ import jax
 from jaxdet import files
 from jaxdet.system import System
 from jaxdet.train import parallel, setup
+from jaxdet.train import preflight
 from jaxdet.train.evaluate import evaluate_variables
 from jaxdet.train.state import TrainState
 from jaxdet.train.step import make_steps
@@ -90,6 +91,8 @@ def train_and_evaluate(config: Any, workdir: str, *, system: System | None = Non
   """
   system = setup.system_from_config(config) if system is None else system
   make_loader = setup.default_make_loader() if make_loader is None else make_loader
+  preflight.check_train(config, system, make_loader, examples=examples,
+                        eval_examples=eval_examples, class_names=class_names)
   num_devices = jax.device_count()
   batch_size = int(config.train.batch_size)
   parallel.check_batch_divisible(batch_size, num_devices)
@@ -188,6 +191,8 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
   """
   system = setup.system_from_config(config) if system is None else system
   make_loader = setup.default_make_loader() if make_loader is None else make_loader
+  preflight.check_evaluate(config, system, make_loader, examples=examples,
+                           class_names=class_names)
   loader = _make(make_loader, config, config.eval.split, batch_size=int(config.eval.batch_size),
                  seed=int(config.seed), train=False, data=(examples, class_names))
   state = restore_for_inference(config, workdir, system, setup.peek(loader))
