@@ -301,3 +301,20 @@ def test_a_valid_run_passes_the_checks(tmp_path):
   with pytest.raises(StepReached):
     _train(_own_config(), tmp_path, examples=own_data_example.make_examples(8, 0),
            eval_examples=own_data_example.make_examples(4, 1), class_names=["square", "bar"])
+
+
+@pytest.mark.parametrize("name", ["classify", "localization", "overfeat", "windows", "rcnn",
+                                  "fast_rcnn", "faster_rcnn", "yolo"])
+def test_shipped_configs_pass_the_checks(name):
+  """Every system's cpu preset (config and synthetic data) and paper preset (config; its VOC
+  data is not here) passes, as do R-CNN's pretraining and fine-tuning stages."""
+  import importlib
+  from experiments import rcnn_stages
+  module = importlib.import_module(f"experiments.configs.{name}")
+  config = module.get_config("cpu")
+  preflight.check_train(config, setup.system_from_config(config))
+  if name == "rcnn":
+    for stage in (config.pretrain, rcnn_stages.finetune_config(config)):
+      preflight.check_train(stage, setup.system_from_config(stage))
+  paper = module.get_config("paper")
+  preflight.check_config(paper, setup.system_from_config(paper))
