@@ -9,6 +9,7 @@ Modules:
               jitter, shape buckets; boxes move with the pixels exactly.
   batching    pad_boxes (fixed max_boxes with a mask) and collate (fixed-shape batch dicts).
   pipeline    default_data_config (every data config key is documented there), make_source,
-              source_from_examples, and the deterministic, resumable, prefetching Loader
-              (make_loader).
+              source_from_examples, validation where data enters (validate_example,
+              validate_examples for a whole list at once, check_split before a run), and the
+              deterministic, resumable, prefetching Loader (make_loader).
 """
