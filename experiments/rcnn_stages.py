@@ -213,6 +213,23 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
   return {"params": params, "rcnn": jax.tree_util.tree_map(np.asarray, stage)}
 
 
+def inference_variables(config: Any, workdir: str, system: Any, batch: Any) -> dict[str, Any]:
+  """{"params", "rcnn"} of a trained workdir (all stages done), restored for inference with
+  `batch` giving the shapes (jaxdet.detector: detection on new images)."""
+  from jaxdet.train import loop
+  missing = [s for s in STAGE_FILES if not os.path.exists(_stage_path(workdir, s))]
+  if missing:
+    raise FileNotFoundError(f"workdir: stage {missing[0]!r} missing "
+                            f"({_stage_path(workdir, missing[0])}); train first with "
+                            f"python -m experiments.train --workdir {workdir}")
+  ft = finetune_config(config)
+  if uses_pretraining(config):
+    ft["model"]["init_from"] = "<workdir>/pretrain"
+  params = loop.restore_for_inference(ft, os.path.join(workdir, "finetune"), system,
+                                      batch).params
+  return stage_variables(config, workdir, system, params)
+
+
 def _score(config: Any, system: Any, variables: Any) -> dict[str, float]:
   from jaxdet.train.evaluate import evaluate_variables
   loader = _loader(config, str(config.eval.split))
