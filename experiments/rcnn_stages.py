@@ -230,11 +230,12 @@ def inference_variables(config: Any, workdir: str, system: Any, batch: Any) -> d
   return stage_variables(config, workdir, system, params)
 
 
-def _score(config: Any, system: Any, variables: Any) -> dict[str, float]:
+def _score(config: Any, system: Any, variables: Any, dump: str | None = None
+           ) -> dict[str, float]:
   from jaxdet.train.evaluate import evaluate_variables
   loader = _loader(config, str(config.eval.split))
   with_reg = evaluate_variables(system.extras["predict_with_bbox_reg"], variables, loader,
-                                system.num_classes)
+                                system.num_classes, dump=dump)
   without = evaluate_variables(system.extras["predict_without_bbox_reg"], variables, loader,
                                system.num_classes)
   out = dict(with_reg)
@@ -275,8 +276,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   return scores
 
 
-def evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Scores a trained workdir (all stages done) on config.eval.split; writes eval.json."""
+def evaluate(config: Any, workdir: str, dump: str | None = None) -> dict[str, float]:
+  """Scores a trained workdir (all stages done) on config.eval.split; writes eval.json (and
+  with `dump` the detections with box regression as JSON Lines)."""
   from jaxdet.train import setup
   system = setup.system_from_config(config)
   for stage in STAGE_FILES:
@@ -284,6 +286,6 @@ def evaluate(config: Any, workdir: str) -> dict[str, float]:
       raise FileNotFoundError(f"workdir: stage {stage!r} missing ({_stage_path(workdir, stage)});"
                               f" train first with python -m experiments.train --workdir {workdir}")
   params = finetuned_params(config, workdir, system)
-  scores = _score(config, system, stage_variables(config, workdir, system, params))
+  scores = _score(config, system, stage_variables(config, workdir, system, params), dump)
   _write_eval(workdir, int(config.train.num_steps), scores)
   return scores

@@ -386,8 +386,11 @@ def result_json(result: Mapping[str, Any]) -> dict[str, Any]:
            "label": int(c), "class": name}
           for box, s, c, name in zip(result["boxes"], result["scores"], result["labels"],
                                      result["class_names"])]
-  return {"path": result["path"], "height": int(result["height"]),
-          "width": int(result["width"]), "detections": dets}
+  out = {"path": result["path"], "height": int(result["height"]),
+         "width": int(result["width"]), "detections": dets}
+  if result.get("image_id") is not None:   # evaluation: the dataset's id instead of a path
+    out = {"image_id": int(result["image_id"]), **{k: v for k, v in out.items() if k != "path"}}
+  return out
 
 
 def write_jsonl(path: str, results: Sequence[Mapping[str, Any]]) -> str:
