@@ -1,9 +1,10 @@
 r"""Detects objects in new images with a workdir's trained detector (every system).
 
-    python -m experiments.detect --config experiments/configs/<system>.py[:preset] \
+    python -m experiments.detect [--config experiments/configs/<system>.py[:preset]] \
         --workdir DIR --images photos/ "shots/*.jpg" one.png [--out OUT] [--draw] \
         [--format jsonl|coco] [--annotations instances.json] [--min_score 0.05]
 
+The config defaults to the one training saved in DIR/config.json.
 --images takes files, folders (searched recursively for common image types) and glob patterns.
 Images of any size and mode (grey, RGBA, EXIF-rotated) go through the config's test-time
 resize and shape buckets as evaluation images do (one compile per bucket), with selective
@@ -47,10 +48,12 @@ def define_flags(fv) -> None:
                        flag_values=fv)
 
 
-def detect(config: Any, workdir: str, images: list[str], out: str, *, fmt: str = "jsonl",
+def detect(config: Any | None, workdir: str, images: list[str], out: str, *, fmt: str = "jsonl",
            annotations: str | None = None, draw: bool = False, score_threshold: float = 0.3,
            min_score: float = 0.0, batch_size: int = 0) -> dict[str, Any]:
   """Runs the workdir's detector over `images` (files, folders, globs) and writes OUT.
+
+  `config` None: the one saved in workdir/config.json.
 
   Returns:
     {"detections": the JSONL or COCO json path, "drawn": [PNG paths], "num_images": n}.
@@ -60,6 +63,7 @@ def detect(config: Any, workdir: str, images: list[str], out: str, *, fmt: str =
   if not paths:
     raise ValueError(f"--images: no image files found in {images}")
   detector = det_lib.Detector.from_workdir(workdir, config)
+  config = detector.config
   results = list(detector.run(paths, batch_size=batch_size or None, progress=True,
                               min_score=min_score))
   if fmt == "coco":
@@ -99,7 +103,8 @@ def expand_list_flag(argv: list[str], name: str) -> list[str]:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-  config, flags = common.parse_flags(expand_list_flag(list(argv), "images"), define_flags)
+  config, flags = common.parse_flags(expand_list_flag(list(argv), "images"), define_flags,
+                                     config_optional=True)
   if not flags.workdir or not flags.images:
     raise ValueError("--workdir, --images: expected a run directory and image files, folders "
                      "or glob patterns")

@@ -178,12 +178,17 @@ def _flag_values(argv: list[str], define: Callable[[Any], None] | None):
   return fv
 
 
-def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None):
+def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None, *,
+                config_optional: bool = False):
   """Parses `--config=FILE[:preset] [--config.key=value ...]` plus the script's own flags.
+
+  `--help` prints `usage` and exits; `--show_config` prints the resolved config and exits.
 
   Args:
     argv: the command line, program name first.
     define: optional fn(flag_values) defining the script's other flags (absl).
+    config_optional: without --config return (None, flag_values) (scripts that read the
+      config a training run saved, e.g. WORKDIR/config.json).
   Returns:
     (config, flag_values): the locked ConfigDict with overrides applied, and the parsed flags.
   Raises:
@@ -196,6 +201,8 @@ def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None
   plain_argv = [a for a in argv if not a.startswith("--config.")]
   plain = _flag_values(plain_argv, define)
   plain(plain_argv)
+  if plain.config is None and config_optional and len(plain_argv) == len(argv):
+    return None, plain
   if plain.config is None:
     raise ValueError("--config: expected experiments/configs/<system>.py[:preset]")
   valid = config_keys(plain.config)
