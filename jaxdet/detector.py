@@ -229,8 +229,11 @@ def to_original_pixels(items: Sequence[Mapping[str, Any]], batch: Mapping[str, A
   with the boxes in the original images' pixels, clipped to them.
 
   The factors are per axis: orig_size / image_size (the batch's i32[B, 2] (height, width) of
-  the original and of the resized real pixels), so the exact inverse of the resize.
+  the original and of the resized real pixels), so the exact inverse of the resize. A batch
+  without "image_size" carries no resize: the items come back unchanged.
   """
+  if "image_size" not in batch:
+    return [dict(item) for item in items]
   size = np.asarray(batch["image_size"], np.float64)            # [B, 2] resized (h, w)
   orig = np.asarray(batch.get("orig_size", batch["image_size"]), np.float64)  # [B, 2]
   out = []

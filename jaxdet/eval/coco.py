@@ -17,8 +17,8 @@ non-increasing and read at 101 recall points (0 beyond the last recall); a class
 non-ignored gt is undefined (-1). `COCOeval.summarize` averages the defined entries.
 
 Areas: a gt's optional "area" (COCO's annotation area, the mask's, which pycocotools uses for
-the area ranges), else its box area; a detection's area is its box area (as `loadRes`). Boxes are jaxdet's (x1, y1, x2, y2)
-absolute pixels; they become COCO's (x, y, w, h) only in `gts_to_coco_json`/`dets_to_coco_json`.
+the area ranges), else its box area; a detection's area is its box area (as `loadRes`).
+Boxes are jaxdet's (x1, y1, x2, y2) absolute pixels; they become COCO's (x, y, w, h) only in `gts_to_coco_json`/`dets_to_coco_json`.
 """
 
 from __future__ import annotations

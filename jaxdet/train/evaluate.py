@@ -53,13 +53,15 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
     out = jax.device_get(out)
     batch_dets = to_original_pixels(unbatch_detections(out), batch)
     batch_gts = to_original_pixels(unbatch_ground_truth(batch), batch)
+    sizes = batch.get("orig_size", batch.get("image_size"))    # [B, 2] original (h, w)
+    if sizes is None:                                           # no resize recorded
+      sizes = np.tile(np.shape(batch["image"])[1:3], (len(real), 1))
     for i in np.flatnonzero(real):
       image_id = int(batch["image_id"][i]) if "image_id" in batch else count
       if annotated is not None:
         batch_gts[i] = _dataset_gt(annotated, count, image_id)
-      size = batch.get("orig_size", batch["image_size"])[i]
       dets.append({**batch_dets[i], "image_id": image_id,
-                   "size": tuple(int(v) for v in size)})
+                   "size": tuple(int(v) for v in sizes[i])})
       gts.append(batch_gts[i])
       count += 1
   return gts, dets, seconds, count
