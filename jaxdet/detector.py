@@ -183,16 +183,30 @@ class ImageSource:
 
 def test_transform(data_config: Mapping[str, Any]):
   """The per-example transform for images of any size at test time: the evaluation transform
-  (`make_transform(data_config, False)`), after, in resize mode "none", a resize to
-  `image_size` (the size such a model was trained at)."""
+  (`make_transform(data_config, False)`), after, in resize mode "none" (keep pixels):
+  without explicit `buckets`, a resize to `image_size` (data of one size: the size the model
+  was trained at); with `buckets`, images that fit one keep their pixels and larger ones are
+  scaled down, aspect kept, to fit the largest (e.g. R-CNN's paper preset, 500 x 500)."""
   from jaxdet.data import transforms
   evaluate = transforms.make_transform(data_config, False)
   size = tuple(int(x) for x in data_config["image_size"])
   none = data_config["resize"]["mode"] == "none"
+  buckets = [tuple(int(x) for x in b) for b in data_config.get("buckets") or ()]
+  largest = max(buckets, key=lambda b: (b[0] * b[1], b)) if buckets else None
+
+  def fit(h: int, w: int) -> tuple[int, int]:
+    if largest is None:
+      return size
+    if any(h <= bh and w <= bw for bh, bw in buckets):
+      return h, w
+    s = min(largest[0] / h, largest[1] / w)
+    return max(1, min(largest[0], int(h * s))), max(1, min(largest[1], int(w * s)))
 
   def transform(example, rng):
-    if none and tuple(example["image"].shape[:2]) != size:
-      example = transforms.resize(example, size)
+    if none:
+      target = fit(*example["image"].shape[:2])
+      if tuple(example["image"].shape[:2]) != target:
+        example = transforms.resize(example, target)
     return evaluate(example, rng)
   return transform
 

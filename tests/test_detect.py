@@ -182,3 +182,24 @@ def test_fast_rcnn_detects_with_selective_search_proposals(images, tmp_path):
   assert len(caches) == 1 and os.path.basename(caches[0]).startswith("detect_fast_3")
   for r in results:
     assert np.all(r["boxes"] >= 0) and np.all(r["boxes"][:, 2] <= r["width"] + 1e-3)
+
+
+def test_rcnn_from_workdir_uses_its_svms_and_proposals(images, tmp_path):
+  """R-CNN (stages: fine-tuning, SVMs, box regressors; pretraining off) trained a few steps
+  detects on new images: Detector.from_workdir restores every stage."""
+  pytest.importorskip("cv2")
+  workdir = str(tmp_path / "rcnn")
+  train.main(["train", "--config=" + os.path.join(ROOT, "experiments", "configs", "rcnn.py"),
+              "--workdir", workdir, "--config.pretrain.system=", "--config.data.num_train=8",
+              "--config.data.num_test=2", "--config.data.proposals.max_proposals=16",
+              f"--config.data.proposals.cache_root={tmp_path / 'cache'}",
+              "--config.data.proposals.num_workers=1", "--config.train.num_steps=2",
+              "--config.data.prefetch=0", "--config.data.image_size=(64,64)"])
+  det = det_lib.Detector.from_workdir(workdir)
+  assert set(det.variables) == {"params", "rcnn"}
+  results = det([str(images)], min_score=-1e9)
+  assert [(r["height"], r["width"]) for r in results] == [(40, 30), (36, 24), (20, 50)]
+  assert sum(len(r["boxes"]) for r in results) > 0
+  for r in results:
+    assert np.all(r["boxes"][:, 2] <= r["width"] + 1e-3)
+    assert np.all(r["boxes"][:, 3] <= r["height"] + 1e-3)
