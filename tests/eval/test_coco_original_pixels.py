@@ -129,3 +129,33 @@ def test_coco_area_and_ids_in_json_writers():
       {"image_id": 139, "category_id": 3, "bbox": [1.0, 2.0, 3.0, 6.0], "score": 0.5}]
   with pytest.raises(ValueError, match="image_ids"):
     coco.dets_to_coco_json(dets, image_ids=[1, 2])
+
+
+def test_voc_ground_truth_is_the_datasets_in_original_pixels(monkeypatch):
+  """VOC through the resizing Loader: the scored gt is the annotation (original pixels,
+  difficult flags); exact copies of the gt boxes score mAP 1."""
+  rng = np.random.default_rng(3)
+  records = []
+  for i, (h, w) in enumerate(SIZES):
+    n = int(rng.integers(1, 4))
+    y1x1 = rng.uniform(0, 0.5, (n, 2))
+    bbox = np.concatenate([y1x1, y1x1 + rng.uniform(0.2, 0.5, (n, 2))], 1).astype(np.float32)
+    records.append({"image": np.zeros((h, w, 3), np.uint8), "image/filename": f"{i:06d}.jpg",
+                    "objects": {"bbox": bbox, "label": rng.integers(0, 20, n),
+                                "is_difficult": rng.random(n) < 0.3,
+                                "is_truncated": np.zeros(n, bool), "pose": np.zeros(n)}})
+  monkeypatch.setattr(tfds_lib, "open_data_source", lambda *a, **k: records)
+  cfg = pipeline.default_data_config("voc2007")
+  cfg.update(num_test=len(records), max_boxes=4, prefetch=0, num_workers=1)
+  cfg["resize"].update(min_sizes=(100,), max_size=160)
+  loader = pipeline.make_loader(cfg, "test", batch_size=2, seed=0, train=False)
+  gts, dets, _, _ = predict_dataset(_fake_predict, {}, loader)
+  for r, g in zip(records, gts):
+    h, w = r["image"].shape[:2]
+    np.testing.assert_array_equal(g["boxes"], tfds_lib.normalized_yxyx_to_xyxy(
+        r["objects"]["bbox"], h, w))
+    np.testing.assert_array_equal(g["difficult"], r["objects"]["is_difficult"])
+  exact = [{k: d[k][:len(g["labels"])] for k in ("boxes", "scores", "labels")}
+           for d, g in zip(dets, gts)]
+  from jaxdet.eval.voc import voc_evaluate
+  assert voc_evaluate(gts, exact, 20, use_07_metric=True)["map"] == pytest.approx(1.0)
