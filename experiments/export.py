@@ -49,24 +49,19 @@ def define_flags(fv) -> None:
 def input_specs(detector: Any, batch: Any) -> dict[str, Any]:
   """jax.ShapeDtypeStruct of each program input (INPUTS present for this system)."""
   import jax
-  import numpy as np
   from jaxdet.data import transforms
   from jaxdet.train import setup
   data = setup.to_dict(detector.config.data)
   buckets = data.get("buckets") or transforms.default_buckets(data)
   h, w = max((tuple(int(x) for x in b) for b in buckets), key=lambda b: (b[0] * b[1], b))
-  example = {k: np.asarray(v) for k, v in detector_example(detector).items()}
+  from jaxdet.detector import example_batch
+  example = example_batch(detector.config)
   shapes = {"image": (h, w, 3), "image_size": (2,)}
   for k in ("proposals", "proposal_mask"):
     if k in example:
       shapes[k] = example[k].shape[1:]
   return {k: jax.ShapeDtypeStruct((batch,) + tuple(shapes[k]), example[k].dtype)
           for k in INPUTS if k in shapes}
-
-
-def detector_example(detector: Any) -> dict[str, Any]:
-  from jaxdet.detector import example_batch
-  return example_batch(detector.config)
 
 
 def program_fn(detector: Any, names: list[str]):
@@ -113,12 +108,14 @@ def export_detector(detector: Any, *, batch_size: int = 0, platforms: list[str] 
                                            for v in s.shape], "dtype": str(s.dtype)}
                      for k, s in specs.items()],
           "outputs": list(OUTPUTS), "class_names": list(detector.class_names),
-          "resize": common_resize(detector.config), "platforms": list(exported.platforms),
+          "resize": resize_meta(detector.config), "platforms": list(exported.platforms),
           "batch": "b" if not isinstance(batch, int) else batch}
   return exported, meta
 
 
-def common_resize(config: Any) -> dict[str, Any]:
+def resize_meta(config: Any) -> dict[str, Any]:
+  """What a consumer needs to prepare images as the detector does: the data config's resize
+  section, image_size and buckets."""
   from jaxdet.train import setup
   data = setup.to_dict(config.data)
   return {"resize": data["resize"], "image_size": list(data["image_size"]),

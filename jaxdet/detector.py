@@ -181,7 +181,7 @@ class ImageSource:
 # ----------------------------------------------------------------------------- batches
 
 
-def test_transform(data_config: Mapping[str, Any]):
+def inference_transform(data_config: Mapping[str, Any]):
   """The per-example transform for images of any size at test time: the evaluation transform
   (`make_transform(data_config, False)`), after, in resize mode "none" (keep pixels):
   without explicit `buckets`, a resize to `image_size` (data of one size: the size the model
@@ -217,8 +217,7 @@ def uses_proposals(config: Any) -> bool:
   return bool(props) and int(props.get("max_proposals", 0) or 0) > 0
 
 
-def make_batches(config: Any, source: Any, *, batch_size: int | None = None,
-                 progress: bool = False):
+def make_batches(config: Any, source: Any, *, batch_size: int | None = None):
   """The evaluation Loader (in order, one pass, padded last batch) over `source`, with
   selective search proposals attached for the proposal-based systems."""
   from jaxdet.data import pipeline, transforms
@@ -232,7 +231,7 @@ def make_batches(config: Any, source: Any, *, batch_size: int | None = None,
     data["name"] = str(config.data.name)
   buckets = data.get("buckets") or transforms.default_buckets(data)
   return pipeline.Loader(source, batch_size=int(batch_size or config.eval.batch_size),
-                         max_boxes=1, transform=test_transform(data), buckets=buckets,
+                         max_boxes=1, transform=inference_transform(data), buckets=buckets,
                          seed=0, train=False, prefetch=int(data.get("prefetch", 2)),
                          num_workers=int(data.get("num_workers", 1)))
 
@@ -264,18 +263,24 @@ def to_original_pixels(items: Sequence[Mapping[str, Any]], batch: Mapping[str, A
 
 def inference_variables(config: Any, workdir: str, system: Any, batch: Mapping[str, Any]
                         ) -> tuple[Any, Any]:
-  """(variables, predict) of the detector a training run left in `workdir`: its latest
-  checkpoint, the last step's of Faster R-CNN's 4-step schedule, R-CNN's fine-tuned network
-  with its SVMs and box regressors (predict with box regression)."""
+  """(variables, predict) of the detector a training run left in `workdir` (see
+  `detector_run`): its latest checkpoint, or R-CNN's fine-tuned network with its SVMs and box
+  regressors (predict with box regression)."""
   from jaxdet.train import loop
   if config.system == "rcnn":
     from experiments import rcnn_stages
     return (rcnn_stages.inference_variables(config, workdir, system, batch),
             system.extras["predict_with_bbox_reg"])
+  return loop.restore_for_inference(config, workdir, system, batch).variables, system.predict
+
+
+def detector_run(config: Any, workdir: str) -> tuple[Any, str]:
+  """(config, workdir) of the detector a training run leaves: for Faster R-CNN's 4-step
+  schedule its last step's, else the two unchanged (as experiments.evaluate)."""
   if config.system == "faster_rcnn":
     from jaxdet.models import faster_rcnn
-    config, workdir = faster_rcnn.detector_run(config, workdir)
-  return loop.restore_for_inference(config, workdir, system, batch).variables, system.predict
+    return faster_rcnn.detector_run(config, workdir)
+  return config, workdir
 
 
 def example_batch(config: Any) -> dict[str, np.ndarray]:
@@ -325,6 +330,7 @@ class Detector:
     checkpoint (R-CNN: its stages; Faster R-CNN 4-step: the last step's)."""
     from jaxdet.train import setup
     config = load_config(workdir) if config is None else config
+    config, workdir = detector_run(config, workdir)
     system = setup.system_from_config(config)
     variables, predict = inference_variables(config, workdir, system, example_batch(config))
     return cls(config, variables, predict=predict, system=system)
@@ -333,15 +339,15 @@ class Detector:
           progress: bool = False, min_score: float = 0.0) -> Iterator[dict[str, Any]]:
     """Detections of each image, in order (a generator; see `__call__` for the dicts)."""
     import jax
+    from tqdm.auto import tqdm
+    from jaxdet.eval.detections import unbatch_detections
     source = ImageSource(images, self.class_names)
     loader = make_batches(self.config, source, batch_size=batch_size)
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(source), desc="detect", unit="img", disable=not progress)
     try:
-      for batch in loader:
+      for batch in loader:   # one compile per shape bucket (jax.jit's cache)
         real = np.asarray(batch.pop("example_mask"))
         out = jax.device_get(self._jitted(self.variables, batch))
-        from jaxdet.eval.detections import unbatch_detections
         dets = to_original_pixels(unbatch_detections(out), batch)
         for i in np.flatnonzero(real):
           index = int(batch["image_id"][i])
