@@ -18,7 +18,8 @@ non-ignored gt is undefined (-1). `COCOeval.summarize` averages the defined entr
 
 Areas: a gt's optional "area" (COCO's annotation area, the mask's, which pycocotools uses for
 the area ranges), else its box area; a detection's area is its box area (as `loadRes`).
-Boxes are jaxdet's (x1, y1, x2, y2) absolute pixels; they become COCO's (x, y, w, h) only in `gts_to_coco_json`/`dets_to_coco_json`.
+Boxes are jaxdet's (x1, y1, x2, y2) absolute pixels; they become COCO's (x, y, w, h) only in
+`gts_to_coco_json`/`dets_to_coco_json`, which also take the dataset's image and category ids.
 """
 
 from __future__ import annotations
