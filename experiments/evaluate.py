@@ -4,7 +4,9 @@
         --workdir DIR
 
 eval.json: VOC07 mAP@0.5 (voc07_map), COCO AP / AP50 / AP75 and images/s of the predict
-function (compilation excluded) over `config.eval.split`.
+function (compilation excluded) over `config.eval.split`, scored in the original images'
+pixels. --dump FILE also writes the detections as JSON Lines (one image a line: image_id,
+height, width, detections [{box [x1, y1, x2, y2] original pixels, score, label, class}]).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from experiments.configs import common
 def define_flags(fv) -> None:
   from absl import flags
   flags.DEFINE_string("workdir", None, "the training run's directory", flag_values=fv)
+  flags.DEFINE_string("dump", None, "also write the detections to this JSON Lines file",
+                      flag_values=fv)
 
 
 def main(argv: list[str]) -> dict:
@@ -32,7 +36,7 @@ def main(argv: list[str]) -> dict:
   if config.system == "faster_rcnn":   # 4-step training: the detector is its last step's
     from jaxdet.models import faster_rcnn
     config, workdir = faster_rcnn.detector_run(config, workdir)
-  scores = evaluate(config, workdir)
+  scores = evaluate(config, workdir, dump=flags.dump)
   print(json.dumps(scores))
   return scores
 

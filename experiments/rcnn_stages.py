@@ -213,11 +213,29 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
   return {"params": params, "rcnn": jax.tree_util.tree_map(np.asarray, stage)}
 
 
-def _score(config: Any, system: Any, variables: Any) -> dict[str, float]:
+def inference_variables(config: Any, workdir: str, system: Any, batch: Any) -> dict[str, Any]:
+  """{"params", "rcnn"} of a trained workdir (all stages done), restored for inference with
+  `batch` giving the shapes (jaxdet.detector: detection on new images)."""
+  from jaxdet.train import loop
+  missing = [s for s in STAGE_FILES if not os.path.exists(_stage_path(workdir, s))]
+  if missing:
+    raise FileNotFoundError(f"workdir: stage {missing[0]!r} missing "
+                            f"({_stage_path(workdir, missing[0])}); train first with "
+                            f"python -m experiments.train --workdir {workdir}")
+  ft = finetune_config(config)
+  if uses_pretraining(config):
+    ft["model"]["init_from"] = "<workdir>/pretrain"
+  params = loop.restore_for_inference(ft, os.path.join(workdir, "finetune"), system,
+                                      batch).params
+  return stage_variables(config, workdir, system, params)
+
+
+def _score(config: Any, system: Any, variables: Any, dump: str | None = None
+           ) -> dict[str, float]:
   from jaxdet.train.evaluate import evaluate_variables
   loader = _loader(config, str(config.eval.split))
   with_reg = evaluate_variables(system.extras["predict_with_bbox_reg"], variables, loader,
-                                system.num_classes)
+                                system.num_classes, dump=dump)
   without = evaluate_variables(system.extras["predict_without_bbox_reg"], variables, loader,
                                system.num_classes)
   out = dict(with_reg)
@@ -258,8 +276,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   return scores
 
 
-def evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Scores a trained workdir (all stages done) on config.eval.split; writes eval.json."""
+def evaluate(config: Any, workdir: str, dump: str | None = None) -> dict[str, float]:
+  """Scores a trained workdir (all stages done) on config.eval.split; writes eval.json (and
+  with `dump` the detections with box regression as JSON Lines)."""
   from jaxdet.train import setup
   system = setup.system_from_config(config)
   for stage in STAGE_FILES:
@@ -267,6 +286,6 @@ def evaluate(config: Any, workdir: str) -> dict[str, float]:
       raise FileNotFoundError(f"workdir: stage {stage!r} missing ({_stage_path(workdir, stage)});"
                               f" train first with python -m experiments.train --workdir {workdir}")
   params = finetuned_params(config, workdir, system)
-  scores = _score(config, system, stage_variables(config, workdir, system, params))
+  scores = _score(config, system, stage_variables(config, workdir, system, params), dump)
   _write_eval(workdir, int(config.train.num_steps), scores)
   return scores

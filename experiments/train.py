@@ -3,7 +3,8 @@
     python -m experiments.train --config experiments/configs/<system>.py[:cpu|paper] \
         --workdir DIR [--config.key=value ...]
 
-DIR receives checkpoints/, metrics.jsonl, tensorboard/ and eval.json (the final scores).
+DIR receives config.json (the resolved config), checkpoints/, metrics.jsonl, tensorboard/ and
+eval.json (the final scores).
 Multi-host: pass --multihost on every host (jax.distributed.initialize() picks up the
 cluster from the environment); the same code then trains over all hosts' devices.
 """
@@ -28,6 +29,9 @@ def main(argv: list[str]) -> dict:
   import jax
   if flags.multihost:
     jax.distributed.initialize()
+  if jax.process_index() == 0:   # what Detector.from_workdir / experiments.detect read
+    from jaxdet.detector import save_config
+    save_config(config, flags.workdir)
   if config.system == "rcnn":   # multi-stage training (SVMs, box regression), not one loss
     from experiments import rcnn_stages
     scores = rcnn_stages.train_and_evaluate(config, flags.workdir)

@@ -6,3 +6,11 @@ absolute pixels; variable counts are padded to a fixed size with a boolean mask.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  """`jaxdet.Detector` (jaxdet.detector), imported on first use so `import jaxdet` stays light."""
+  if name == "Detector":
+    from jaxdet.detector import Detector
+    return Detector
+  raise AttributeError(f"module 'jaxdet' has no attribute {name!r}")

@@ -63,7 +63,7 @@ def test_detect_draws_on_images(trained, tmp_path, rng):
     paths.append(str(tmp_path / name))
   out = tmp_path / "out"
   written = detect.main(["detect", CONFIG, "--workdir", workdir, "--images", *paths,
-                         "--out", str(out), "--score_threshold=0"])
+                         "--out", str(out), "--draw", "--score_threshold=0"])["drawn"]
   assert [os.path.basename(p) for p in written] == ["a.png", "b.png"]
   assert np.asarray(Image.open(written[0])).shape == (40, 30, 3)
 

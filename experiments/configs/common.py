@@ -171,26 +171,38 @@ def _flag_values(argv: list[str], define: Callable[[Any], None] | None):
       lock_config=True, sys_argv=argv)
   flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first",
                     flag_values=fv)
+  flags.DEFINE_bool("show_config", False, "print the resolved config (every key with its "
+                    "value, overrides applied) and exit", flag_values=fv)
   if define is not None:
     define(fv)
   return fv
 
 
-def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None):
+def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None, *,
+                config_optional: bool = False):
   """Parses `--config=FILE[:preset] [--config.key=value ...]` plus the script's own flags.
+
+  `--help` prints `usage` and exits; `--show_config` prints the resolved config and exits.
 
   Args:
     argv: the command line, program name first.
     define: optional fn(flag_values) defining the script's other flags (absl).
+    config_optional: without --config return (None, flag_values) (scripts that read the
+      config a training run saved, e.g. WORKDIR/config.json).
   Returns:
     (config, flag_values): the locked ConfigDict with overrides applied, and the parsed flags.
   Raises:
     ValueError: an override names an unknown key (the error lists the nearest valid keys).
   """
   argv = list(argv)
+  if any(a in HELP_ARGS for a in argv[1:]):
+    print(usage(argv[0], define))
+    raise SystemExit(0)
   plain_argv = [a for a in argv if not a.startswith("--config.")]
   plain = _flag_values(plain_argv, define)
   plain(plain_argv)
+  if plain.config is None and config_optional and len(plain_argv) == len(argv):
+    return None, plain
   if plain.config is None:
     raise ValueError("--config: expected experiments/configs/<system>.py[:preset]")
   valid = config_keys(plain.config)
@@ -203,4 +215,51 @@ def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None
   fv(argv)
   if fv.config is None:
     raise ValueError("--config: expected experiments/configs/<system>.py[:preset]")
+  if fv.show_config:
+    print(fv.config)
+    raise SystemExit(0)
   return fv.config, fv
+
+
+HELP_ARGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def config_files() -> list[str]:
+  """The systems with a config file here: experiments/configs/<system>.py."""
+  import os
+  here = os.path.dirname(os.path.abspath(__file__))
+  return sorted(f[:-3] for f in os.listdir(here)
+                if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+
+
+def usage(program: str, define: Callable[[Any], None] | None = None) -> str:
+  """The --help text of a script parsed by `parse_flags`: the --config flag with the systems
+  and presets, the script's own flags with their defaults, and how to list every config key.
+
+  The description is the running script's docstring (`__main__`), when it has one.
+  """
+  import sys
+  fv = _flag_values([program], define)
+  doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  name = f"python -m {spec.name}" if spec is not None else program
+  lines = [f"usage: {name} --config=experiments/configs/<system>.py[:preset] [flags] "
+           f"[--config.<key>=<value> ...]", ""]
+  if doc:
+    lines += [doc, ""]
+  lines += ["--config: the experiment config file and preset",
+            f"  systems: {', '.join(config_files())} (experiments/configs/<system>.py)",
+            f"  presets: {', '.join(PRESETS)} (default {PRESETS[0]}), e.g. "
+            f"--config=experiments/configs/yolo.py:{PRESETS[0]}",
+            "  override any key: --config.train.num_steps=100 --config.data.name=voc2007",
+            "  every key with its default: add --show_config (prints the resolved config, exits)",
+            "", "flags:"]
+  seen = set()
+  for key in sorted(fv):
+    flag = fv[key]
+    if flag.name in seen or flag.name == "config":
+      continue
+    seen.add(flag.name)
+    default = "" if flag.default is None else f" (default: {flag.default!r})"
+    lines.append(f"  --{flag.name}: {flag.help}{default}")
+  return "\n".join(lines)

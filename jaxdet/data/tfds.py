@@ -12,10 +12,13 @@ ymax) / size of the 1-based inclusive VOC annotation, i.e. already continuous pi
 
 Decoded example: {"image": u8[H, W, 3], "boxes": f32[N, 4], "labels": i32[N],
 "difficult": bool[N], "image_id": int} plus, for COCO, "crowd_boxes" f32[K, 4] and
-"crowd_labels" i32[K]: crowd regions are kept out of the training targets and stay available
-to COCO evaluation (which ignores detections matched to them), read from the source
-(`source[i]`, original pixels; the Loader's batches do not carry them). COCO boxes with zero width or
-height (a handful in train2017) are dropped at entry.
+"crowd_labels" i32[K]: crowd regions are kept out of the training targets. Evaluation reads
+the ground truth as the official tools do from `TfdsDetection.ground_truth(i)` (original
+pixels; jaxdet.train.evaluate.predict_dataset): COCO's crowd regions (iscrowd, the ignore
+regions detections are matched to by IoA) and annotation `area` (which sets the small / medium /
+large ranges), VOC's difficult flags. COCO boxes with zero width or height (a handful in
+train2017) are dropped from the training targets at entry; evaluation keeps them as the
+official tools do.
 
 Preparing a dataset (on a machine with network access and TensorFlow installed):
   pip install tensorflow tensorflow-datasets
@@ -134,6 +137,32 @@ def decode_coco(example: Mapping[str, Any], index: int) -> dict[str, Any]:
           "image_id": _image_id(example, index)}
 
 
+def ground_truth_coco(example: Mapping[str, Any], index: int) -> dict[str, Any]:
+  """A tfds COCO example's ground truth as pycocotools sees it: every annotation (crowd ones
+  with iscrowd True) in original pixels, with the annotation's area (the mask's).
+
+  Returns:
+    {"boxes": f32[N, 4] (x1, y1, x2, y2) pixels, "labels": i32[N], "iscrowd": bool[N],
+     "area": f64[N], "image_id": int}.
+  """
+  image = np.asarray(example["image"])
+  h, w = image.shape[:2]
+  objs = _objects(example, ("bbox", "label", "is_crowd"), index)
+  boxes = _to_pixels(objs["bbox"], h, w)
+  area = np.asarray(example["objects"].get("area", np.zeros(0)), np.float64).reshape(-1)
+  if len(area) != len(boxes):   # no areas recorded: the box areas
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float64)
+  return {"boxes": boxes, "labels": objs["label"].astype(np.int32),
+          "iscrowd": objs["is_crowd"].astype(bool), "area": area,
+          "image_id": _image_id(example, index)}
+
+
+def ground_truth_voc(example: Mapping[str, Any], index: int) -> dict[str, Any]:
+  """A tfds VOC example's ground truth: boxes f32[N, 4] original pixels, labels, difficult."""
+  ex = decode_voc(example, index)
+  return {k: ex[k] for k in ("boxes", "labels", "difficult", "image_id")}
+
+
 def _prepare_message(tfds_name: str, version: str, data_dir: str) -> str:
   return (
       f"tfds dataset {tfds_name}:{version} is not prepared in array_record format under "
@@ -188,6 +217,7 @@ class TfdsDetection:
     self.num_classes = len(self.class_names)
     self.split = splits.get(split, split)
     self._decode = decode_coco if name.startswith("coco") else decode_voc
+    self._ground_truth = ground_truth_coco if name.startswith("coco") else ground_truth_voc
     self._source = open_data_source(tfds_name, version, self.split, data_dir)
     in_info = info_num_classes(self._source)
     if in_info is not None and in_info != self.num_classes:
@@ -205,3 +235,11 @@ class TfdsDetection:
     if not 0 <= index < self._len:
       raise IndexError(f"index {index} out of range for {self._len} examples")
     return self._decode(self._source[index], index)
+
+  def ground_truth(self, index: int) -> dict[str, Any]:
+    """Example `index`'s ground truth for evaluation, in original pixels (see
+    ground_truth_coco / ground_truth_voc); decodes the record again."""
+    index = int(index)
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} out of range for {self._len} examples")
+    return self._ground_truth(self._source[index], index)

@@ -16,9 +16,10 @@ every image, sorted by score over all images, give precision/recall curves; prec
 non-increasing and read at 101 recall points (0 beyond the last recall); a class without
 non-ignored gt is undefined (-1). `COCOeval.summarize` averages the defined entries.
 
-Areas come from boxes: a gt's area is its box area (COCO's annotations use the mask area;
-`loadRes` uses the box area for detections, as here). Boxes are jaxdet's (x1, y1, x2, y2)
-absolute pixels; they become COCO's (x, y, w, h) only in `gts_to_coco_json`/`dets_to_coco_json`.
+Areas: a gt's optional "area" (COCO's annotation area, the mask's, which pycocotools uses for
+the area ranges), else its box area; a detection's area is its box area (as `loadRes`).
+Boxes are jaxdet's (x1, y1, x2, y2) absolute pixels; they become COCO's (x, y, w, h) only in
+`gts_to_coco_json`/`dets_to_coco_json`, which also take the dataset's image and category ids.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def coco_evaluate(gts: Sequence[Mapping[str, Any]], dets: Sequence[Mapping[str, 
 
   Args:
     gts: one dict per image: boxes f32[N, 4] (x1, y1, x2, y2) pixels, labels i32[N] in
-      [0, num_classes), optional iscrowd bool[N] ("difficult" is not used).
+      [0, num_classes), optional iscrowd bool[N] (ignore regions, matched by IoA), optional
+      area f[N] (the annotation's area; default the box area) ("difficult" is not used).
     dets: one dict per image, same order: boxes f32[K, 4], scores f32[K], labels i32[K].
     num_classes: C; every class is evaluated, a class without gt is undefined.
     max_dets: increasing detections-per-image limits, M >= 1; AP and the per-area AR use the
@@ -80,14 +82,29 @@ def _flatten(items, num_classes, *, is_gt):
   box = np.concatenate([np.asarray(x["boxes"], np.float64).reshape(-1, 4) for x in items]
                        + [np.zeros((0, 4))])                                     # [N, 4]
   label = label.astype(np.int64)
+  area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+  if is_gt and any("area" in x for x in items):
+    area = np.concatenate([_gt_area(x, i) for i, x in enumerate(items)] + [np.zeros(0)])
   out = {"image": image, "label": label, "box": box, "pair": image * num_classes + label,
-         "area": (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])}
+         "area": area}
   if is_gt:
     out["crowd"] = np.concatenate([det_lib.gt_flag(x, "iscrowd") for x in items]
                                   + [np.zeros(0, bool)])
   else:
     out["score"] = np.concatenate([np.asarray(x["scores"], np.float64) for x in items] + [[]])
   return out
+
+
+def _gt_area(gt, index):
+  """f64[N] the annotation areas of one image's gt ("area"), else the box areas."""
+  box = np.asarray(gt["boxes"], np.float64).reshape(-1, 4)
+  if "area" not in gt:
+    return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+  area = np.asarray(gt["area"], np.float64).reshape(-1)
+  if len(area) != len(box):
+    raise ValueError(f"gts[{index}]['area']: expected one area per box ({len(box)}), got "
+                     f"{len(area)}")
+  return area
 
 
 def _sort_and_cut(dt, max_det):
@@ -253,37 +270,71 @@ def _summarize(precision, recall, max_dets):
 
 
 def gts_to_coco_json(gts: Sequence[Mapping[str, Any]], num_classes: int, *,
-                     class_names: Sequence[str] | None = None) -> dict[str, Any]:
+                     class_names: Sequence[str] | None = None,
+                     image_ids: Sequence[int] | None = None,
+                     category_ids: Sequence[int] | None = None) -> dict[str, Any]:
   """Ground truth as a COCO dataset dict (what `pycocotools.coco.COCO` reads).
 
-  Image i gets id i + 1, class c category id c + 1, annotations ids 1, 2, ... in input order;
-  boxes become [x, y, w, h] (float64), area = w * h, iscrowd from the optional flag.
+  Image i gets id image_ids[i] (default i + 1), class c category id category_ids[c] (default
+  c + 1), annotations ids 1, 2, ... in input order; boxes become [x, y, w, h] (float64), area
+  the gt's "area" when given (else w * h), iscrowd from the optional flag.
   """
   names = class_names if class_names is not None else [str(c) for c in range(num_classes)]
   if len(names) != num_classes:
     raise ValueError(f"class_names: expected {num_classes} names, got {len(names)}")
+  image_ids = _ids("image_ids", image_ids, len(gts))
+  category_ids = _ids("category_ids", category_ids, num_classes)
   annotations = []
   for i, gt in enumerate(gts):
     crowd = det_lib.gt_flag(gt, "iscrowd")
-    for box, label, is_crowd in zip(np.asarray(gt["boxes"], np.float64), gt["labels"], crowd):
-      xywh = _xywh(box)
-      annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                          "category_id": int(label) + 1, "bbox": xywh,
-                          "area": xywh[2] * xywh[3], "iscrowd": int(is_crowd)})
-  return {"images": [{"id": i + 1} for i in range(len(gts))],
+    area = _gt_area(gt, i)
+    for box, label, is_crowd, a in zip(np.asarray(gt["boxes"], np.float64), gt["labels"],
+                                       crowd, area):
+      annotations.append({"id": len(annotations) + 1, "image_id": image_ids[i],
+                          "category_id": category_ids[int(label)], "bbox": _xywh(box),
+                          "area": float(a), "iscrowd": int(is_crowd)})
+  return {"images": [{"id": i} for i in image_ids],
           "annotations": annotations,
-          "categories": [{"id": c + 1, "name": names[c]} for c in range(num_classes)]}
+          "categories": [{"id": category_ids[c], "name": names[c]} for c in range(num_classes)]}
 
 
-def dets_to_coco_json(dets: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Detections as a COCO results list: image_id i + 1, category_id c + 1, bbox [x, y, w, h]."""
+def dets_to_coco_json(dets: Sequence[Mapping[str, Any]], *,
+                      image_ids: Sequence[int] | None = None,
+                      category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+  """Detections as a COCO results list (what `COCO.loadRes` reads).
+
+  Args:
+    dets: one dict per image: boxes f32[K, 4] (x1, y1, x2, y2) pixels (of the images the ids
+      name: for COCO's own ids, the original images), scores f32[K], labels i32[K].
+    image_ids: the dataset's id of each image (default i + 1).
+    category_ids: the dataset's category id of each label c (default c + 1; COCO 2017:
+      jaxdet.data.tfds.COCO_CATEGORY_IDS).
+  Returns:
+    [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}].
+  """
+  image_ids = _ids("image_ids", image_ids, len(dets))
+  num_labels = 1 + max([int(np.max(d["labels"], initial=-1)) for d in dets] + [-1])
+  if category_ids is not None and len(category_ids) < num_labels:
+    raise ValueError(f"category_ids: expected an id for each label up to {num_labels - 1}, "
+                     f"got {len(category_ids)} ids")
   out = []
   for i, det in enumerate(dets):
     for box, score, label in zip(np.asarray(det["boxes"], np.float64), det["scores"],
                                  det["labels"]):
-      out.append({"image_id": i + 1, "category_id": int(label) + 1, "bbox": _xywh(box),
+      cat = int(label) + 1 if category_ids is None else int(category_ids[int(label)])
+      out.append({"image_id": image_ids[i], "category_id": cat, "bbox": _xywh(box),
                   "score": float(score)})
   return out
+
+
+def _ids(name: str, ids: Sequence[int] | None, n: int) -> list[int]:
+  """ids as Python ints (default 1..n); an error naming `name` unless there are n."""
+  if ids is None:
+    return list(range(1, n + 1))
+  ids = [int(i) for i in ids]
+  if len(ids) != n:
+    raise ValueError(f"{name}: expected {n} ids, got {len(ids)}")
+  return ids
 
 
 def _xywh(box: np.ndarray) -> list[float]:

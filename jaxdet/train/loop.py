@@ -183,8 +183,9 @@ def restore_for_inference(config: Any, workdir: str, system: System, batch: Any
 
 def evaluate(config: Any, workdir: str, *, system: System | None = None,
              make_loader: Callable[..., Any] | None = None, examples: Any = None,
-             class_names: Any = None) -> dict[str, float]:
-  """Scores the latest checkpoint of `workdir` on `config.eval.split`; writes eval.json.
+             class_names: Any = None, dump: str | None = None) -> dict[str, float]:
+  """Scores the latest checkpoint of `workdir` on `config.eval.split`; writes eval.json
+  (and with `dump` the detections as JSON Lines, jaxdet.train.evaluate.write_detections).
 
   Returns:
     {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}.
@@ -197,6 +198,6 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
                  seed=int(config.seed), train=False, data=(examples, class_names))
   state = restore_for_inference(config, workdir, system, setup.peek(loader))
   metrics = evaluate_variables(system.predict, state.variables, loader, system.num_classes,
-                               extra_metrics=system.extras.get("eval_metrics"))
+                               extra_metrics=system.extras.get("eval_metrics"), dump=dump)
   write_eval_json(workdir, int(state.step), metrics)
   return metrics
