@@ -7,6 +7,9 @@ absolute pixels; variable counts are padded to a fixed size with a boolean mask.
 
 __version__ = "0.1.0"
 
+# Before JAX starts: CPU results that do not depend on the core count (see jaxdet/xla_flags.py).
+from jaxdet import xla_flags as _xla_flags  # noqa: E402,F401
+
 
 def __getattr__(name):
   """`jaxdet.Detector` (jaxdet.detector), imported on first use so `import jaxdet` stays light."""
