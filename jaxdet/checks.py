@@ -102,6 +102,14 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
       raise ValueError(f"{name}: expected values {bound}, got {value!r}")
 
 
+def check_spatial_size(name: str, x: Any, what: str = "feature map", *,
+                       axes: Sequence[int] = (0, 1)) -> None:
+  """An image or feature map must have height and width > 0 on `axes` (trace-time safe)."""
+  if any(x.shape[a] == 0 for a in axes):
+    raise ValueError(f"{name}: expected a non-empty {what} (height and width > 0), "
+                     f"got {_describe(x)}")
+
+
 def check_box_values(name: str, boxes: np.ndarray, *, height: float | None = None,
                      width: float | None = None, example_id: Any = None) -> None:
   """Host-side: boxes f32[N, 4] must be finite with x1 <= x2, y1 <= y2 (and inside the image).
