@@ -242,7 +242,13 @@ def _align_weights(start: jax.Array, length: jax.Array, pooled: int, size: int,
   pix = jnp.arange(size, dtype=jnp.float32)
   tent = jnp.maximum(1.0 - jnp.abs(y[..., None] - pix), 0.0)           # [R, P, S, size]
   tent = jnp.where(used[..., None], tent, 0.0)
-  return tent.sum(axis=2) / grid_f                                     # [R, P, size]
+  # The sum over the samples as a product with ones, not a reduction: XLA CPU (jaxlib 0.10.2)
+  # fuses a reduction feeding the interpolation matmul into one YNNPACK fusion, which computes
+  # garbage (1e30, NaN) when the features are a splat constant (a flat image closed over by a
+  # jitted function); the product leaves no reduction to fuse. Same values (exact f32 sum).
+  total = jnp.einsum("rpsh,s->rph", tent, jnp.ones((num,), jnp.float32),
+                     precision=lax.Precision.HIGHEST)                   # [R, P, size]
+  return total / grid_f                                                # [R, P, size]
 
 
 def roi_align(features: jax.Array, rois: jax.Array, output_size: int | Sequence[int],

@@ -159,6 +159,19 @@ def test_roi_ops_non_finite_roi_without_mask_is_treated_as_padding(rng):
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_roi_align_jitted_against_a_closed_over_flat_map_equals_eager():
+  # A flat image closed over by a jitted function is a splat constant to XLA; XLA CPU's YNNPACK
+  # fusion (jaxlib 0.10.2) computed garbage for RoI align's matmul against it (the OverFeat
+  # system's training crops: an infinite loss and non-finite gradients).
+  features = jnp.full((32, 32, 1), 100.0, jnp.float32)
+  rois = jnp.tile(jnp.array([[1.0, 2.0, 29.0, 31.0]]), (4, 1))
+  for args in ((32, 1.0, 2, True), (32, 1.0)):
+    want = roi_align(features, rois, *args)
+    got = jax.jit(lambda r, args=args: roi_align(features, r, *args))(rois)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, 100.0, rtol=1e-5)
+
+
 # --- empty feature maps: a clear ValueError -------------------------------------------------
 
 
