@@ -320,12 +320,10 @@ def test_system_loss_and_predict():
            "box_mask": jnp.array([[True, False], [False, False]])}
   # Degenerate inputs on purpose: a flat image, an image without objects and a zero-size padding
   # box. Every key is fixed, so the windows drawn (and the result) are the same on every run.
-  # The batch is an argument of the jitted gradient, as in training. Closed over, the flat image
-  # becomes a splat constant, and XLA CPU (jaxlib 0.10.2) miscompiles the interpolation matmul
-  # of RoI align (the training crops) against it: its YNNPACK fusion of the weights' reduction
-  # with a dot on a broadcast constant gives garbage crops (1e26, NaN), so an infinite loss and
-  # non-finite gradients, different on each compilation. `XLA_FLAGS=
-  # --xla_cpu_experimental_ynn_fusion_type=` makes the closed-over version exact too.
+  # The batch is an argument of the jitted gradient, as in training. (The non-finite gradient
+  # once seen here came from a closed-over batch: the flat image became a splat constant and
+  # XLA CPU's YNNPACK fusion, jaxlib 0.10.2, computed garbage crops in RoI align's matmul
+  # against it; roi_align no longer gives it a reduction to fuse, see tests/faults.)
   variables = system.init(jax.random.PRNGKey(0), batch)
   grads = jax.jit(jax.grad(lambda v, b: system.loss(v, b, jax.random.PRNGKey(1))[0]))(
       variables, batch)
