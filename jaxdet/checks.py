@@ -104,6 +104,14 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
       raise ValueError(f"{name}: expected values {bound}, got {value!r}")
 
 
+def check_spatial_size(name: str, x: Any, what: str = "feature map", *,
+                       axes: Sequence[int] = (0, 1)) -> None:
+  """An image or feature map must have height and width > 0 on `axes` (trace-time safe)."""
+  if any(x.shape[a] == 0 for a in axes):
+    raise ValueError(f"{name}: expected a non-empty {what} (height and width > 0), "
+                     f"got {_describe(x)}")
+
+
 def check_image(name: str, image: Any, *, example_id: Any = None) -> None:
   """Host-side: an image must be u8[H, W, 3] RGB (grey u8[H, W] or [H, W, 1] too), H, W > 0.
 

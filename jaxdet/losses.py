@@ -14,12 +14,40 @@ Two layers:
 * detector losses with the signature `(predictions, targets, mask, ...) -> (loss f32[], metrics)`,
   where every weight is a keyword argument (a config value) and every term of the loss appears
   in the metrics: `yolo_loss`.
+
+Masked entries (double `where`). Every loss replaces its inputs by harmless values where the mask
+is False *before* any arithmetic (`_sanitize`), not only its result after: a NaN or inf
+prediction, target, logit or box under a False mask then gives exactly the value and the
+gradients of the sliced, unmasked-only input. (Masking only the result would give a finite loss
+whose gradient is 0 * NaN = NaN.)
+
+Labels (a precondition). Integer class labels must lie in [0, K) wherever the mask is True;
+this is checked where data enters jaxdet (`jaxdet.checks.check_label_values`), not inside the
+losses: a value check there would need a host sync in every step. On the normal path an
+out-of-range label is clamped silently (`softmax_cross_entropy`, `fast_rcnn_loss`) or gives an
+all-zero one-hot target (YOLO's targets). To check it on the device, opt in with
+`jax.experimental.checkify`: call `check_labels` in the function you transform, or wrap the
+loss with `checked`, which runs it jitted under checkify and raises on a bad label:
+
+    from jax.experimental import checkify
+    def loss_fn(logits, labels, mask):
+      losses.check_labels(labels, logits.shape[-1], mask)
+      return losses.softmax_cross_entropy(logits, labels, mask)
+    err, value = jax.jit(checkify.checkify(loss_fn))(logits, labels, mask)
+    err.throw()                       # checkify.JaxRuntimeError naming the first bad label
+
+    ce = losses.checked(losses.softmax_cross_entropy,
+                        lambda logits, labels, mask: losses.check_labels(labels, K, mask))
+    value = ce(logits, labels, mask)  # the same, in one call
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from jaxdet import checks
 from jaxdet.ops import boxes
@@ -33,6 +61,72 @@ def _apply_mask(values: Array, mask: Array | None, name: str = "mask") -> Array:
     return values
   checks.check_array(name, mask, dtype_kind="b")
   return jnp.where(mask, values, 0.0)
+
+
+def _sanitize(x: Array, mask: Array | None, safe=0.0) -> Array:
+  """`x` with `safe` where `mask` (broadcastable to x) is False: the first `where` of the
+  double-`where` pattern, applied to a loss's inputs before any arithmetic."""
+  if mask is None:
+    return x
+  return jnp.where(mask, x, jnp.asarray(safe, x.dtype))
+
+
+def check_labels(labels: Array, num_classes: int, mask: Array | None = None, *,
+                 name: str = "labels") -> None:
+  """Checks on the device that labels lie in [0, num_classes) where `mask` is True (checkify).
+
+  Opt-in: call it inside a function transformed by `jax.experimental.checkify.checkify` (or
+  wrapped by `checked`); outside checkify, under `jax.jit`, `checkify.check` raises at trace
+  time. No host sync until the caller's `err.throw()`.
+
+  Args:
+    labels: int[...] class labels.
+    num_classes: K, the number of classes the labels index (e.g. C + 1 with a background).
+    mask: bool[...] (the shape of `labels`) or None; labels where it is False are not checked.
+    name: the argument's name in the error.
+  Raises (through checkify's error, at `err.throw()`):
+    checkify.JaxRuntimeError "<name>: label <l> at index <i> (flat) is outside [0, K) ...".
+  """
+  checks.check_array(name, labels, dtype_kind="iu")
+  if mask is not None:
+    checks.check_mask("mask", mask, name, labels.shape)
+  if labels.size == 0:
+    return
+  bad = (labels < 0) | (labels >= num_classes)
+  if mask is not None:
+    bad = bad & mask
+  flat = bad.reshape(-1)
+  i = jnp.argmax(flat)
+  checkify.check(~jnp.any(flat),
+                 f"{name}: label {{label}} at index {{index}} (flat) is outside "
+                 f"[0, {num_classes}) for {num_classes} classes",
+                 label=labels.reshape(-1)[i], index=i)
+
+
+def checked(fn: Callable, *arg_checks: Callable) -> Callable:
+  """`fn`, jitted and run under checkify after `arg_checks` (e.g. `check_labels`); raises.
+
+  Args:
+    fn: a loss (or any jittable function).
+    arg_checks: functions called with fn's arguments before fn, using `checkify.check`.
+  Returns:
+    A function with fn's signature that raises checkify.JaxRuntimeError when a check (or an
+    index check of checkify's default set) fails; otherwise returns fn's result. It syncs with
+    the host to raise: a debugging tool, not for the training step.
+  """
+  def body(*args, **kwargs):
+    for check in arg_checks:
+      check(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+  run = jax.jit(checkify.checkify(body))
+
+  def wrapper(*args, **kwargs):
+    err, out = run(*args, **kwargs)
+    err.throw()
+    return out
+
+  return wrapper
 
 
 def masked_sum(values: Array, mask: Array | None = None, *, axis=None) -> Array:
@@ -83,12 +177,14 @@ def smooth_l1(predictions: Array, targets: Array, mask: Array | None = None, *,
     mask: bool broadcastable to the shape (e.g. bool[N, 1] for positives); None = all.
     beta: the transition point, >= 0.
   Returns:
-    f32[...] per element, 0 outside the mask. Sum over the coordinate axis yourself.
+    f32[...] per element, 0 outside the mask (whatever predictions and targets hold there,
+    NaN included, with zero gradients). Sum over the coordinate axis yourself.
   """
   checks.check_array("predictions", predictions, dtype_kind="f")
   checks.check_array("targets", targets, dtype_kind="f", shape=predictions.shape)
   checks.check_positive("beta", beta, allow_zero=True)
-  d = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
+  d = (_sanitize(predictions.astype(jnp.float32), mask)
+       - _sanitize(targets.astype(jnp.float32), mask))
   ad = jnp.abs(d)
   if beta == 0:
     loss = ad
@@ -103,29 +199,37 @@ def l2(predictions: Array, targets: Array, mask: Array | None = None) -> Array:
   Args:
     predictions: f32[...]; targets: f32[...] of the same shape; mask: bool broadcastable.
   Returns:
-    f32[...], 0 outside the mask.
+    f32[...], 0 outside the mask (NaN there included, with zero gradients).
   """
   checks.check_array("predictions", predictions, dtype_kind="f")
   checks.check_array("targets", targets, dtype_kind="f", shape=predictions.shape)
-  d = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
+  d = (_sanitize(predictions.astype(jnp.float32), mask)
+       - _sanitize(targets.astype(jnp.float32), mask))
   return _apply_mask(d * d, mask)
 
 
 def softmax_cross_entropy(logits: Array, labels: Array, mask: Array | None = None) -> Array:
   """Softmax cross-entropy with integer labels, per example.
 
+  Precondition: labels in [0, K) where the mask is True. Not checked here (no host sync on the
+  normal path): an out-of-range label is clamped to 0 or K - 1. Data entry checks it
+  (`jaxdet.checks.check_label_values`); on the device, opt in with `check_labels` / `checked`
+  (see the module doc).
+
   Args:
     logits: f32[..., K] unnormalised scores over K classes.
     labels: int[...] in [0, K); entries outside the mask may hold anything (e.g. -1 padding).
     mask: bool[...] (the shape of `labels`); None = all real.
   Returns:
-    f32[...]: -log softmax(logits)[label], 0 where masked out.
+    f32[...]: -log softmax(logits)[label], 0 where masked out (whatever the logits hold there,
+    NaN included, with zero gradients).
   """
   checks.check_array("logits", logits, ndim=range(1, 9), dtype_kind="f")
   checks.check_array("labels", labels, dtype_kind="iu", shape=logits.shape[:-1])
   if mask is not None:
     checks.check_mask("mask", mask, "labels", labels.shape)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logits = _sanitize(logits.astype(jnp.float32), None if mask is None else mask[..., None])
+  logp = jax.nn.log_softmax(logits, axis=-1)
   safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
   nll = -jnp.take_along_axis(logp, safe[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return _apply_mask(nll, mask)
@@ -140,12 +244,12 @@ def sigmoid_binary_cross_entropy(logits: Array, targets: Array,
   Args:
     logits: f32[...]; targets: f32[...] of the same shape (0/1 or soft); mask: bool broadcastable.
   Returns:
-    f32[...], 0 where masked out.
+    f32[...], 0 where masked out (NaN there included, with zero gradients).
   """
   checks.check_array("logits", logits, dtype_kind="f")
   checks.check_array("targets", targets, dtype_kind="fb", shape=logits.shape)
-  x = logits.astype(jnp.float32)
-  t = targets.astype(jnp.float32)
+  x = _sanitize(logits.astype(jnp.float32), mask)
+  t = _sanitize(targets.astype(jnp.float32), mask)
   loss = jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
   return _apply_mask(loss, mask)
 
@@ -162,12 +266,17 @@ def giou_loss(pred_boxes: Array, target_boxes: Array, mask: Array | None = None)
     target_boxes: f32[..., 4] of the same shape.
     mask: bool[...] (the shape without the last axis); None = all real.
   Returns:
-    f32[...], 0 where masked out.
+    f32[...], 0 where masked out (whatever boxes, NaN included, with zero gradients). An
+    unmasked pair with a non-finite box has GIoU 0 (`jaxdet.ops.boxes`), so loss 1.
   """
   checks.check_boxes("pred_boxes", pred_boxes, ndim=range(1, 8))
   checks.check_array("target_boxes", target_boxes, dtype_kind="f", shape=pred_boxes.shape)
   if mask is not None:
     checks.check_mask("mask", mask, "pred_boxes[..., 0]", pred_boxes.shape[:-1])
+  box_mask = None if mask is None else mask[..., None]
+  safe = jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
+  pred_boxes = _sanitize(pred_boxes.astype(jnp.float32), box_mask, safe)
+  target_boxes = _sanitize(target_boxes.astype(jnp.float32), box_mask, safe)
   giou = boxes.elementwise_generalized_box_iou(pred_boxes, target_boxes)   # [...]
   return _apply_mask(1.0 - giou, mask)
 
@@ -213,7 +322,7 @@ def yolo_loss(predictions: Array, targets: dict[str, Array], mask: Array, *, num
     predictions: f[N, S, S, 5B + C] raw network outputs (any float dtype; computed in f32).
     targets: {"box": f32[N, S, S, 4] (x, y, w, h) of the cell's object in the units above,
       "classes": f32[N, S, S, C] target class probabilities (one-hot)}; values in cells
-      without objects are ignored.
+      without objects are ignored (NaN included: replaced before use, zero gradients).
     mask: bool[N, S, S] True where a cell holds an object centre.
     num_boxes: B, the predictors per cell.
     lambda_coord, lambda_noobj, lambda_obj, lambda_class: the term weights (paper: 5, 0.5, 1, 1).
@@ -243,9 +352,9 @@ def yolo_loss(predictions: Array, targets: dict[str, Array], mask: Array, *, num
   p = predictions.astype(jnp.float32)
   pb = p[..., :5 * num_boxes].reshape(n, s, s, num_boxes, 5)         # [N, S, S, B, 5]
   p_cls = p[..., 5 * num_boxes:]                                      # [N, S, S, C]
-  t_box = targets["box"].astype(jnp.float32)                          # [N, S, S, 4]
-  t_cls = targets["classes"].astype(jnp.float32)                      # [N, S, S, C]
   obj = mask                                                          # [N, S, S]
+  t_box = _sanitize(targets["box"].astype(jnp.float32), obj[..., None])      # [N, S, S, 4]
+  t_cls = _sanitize(targets["classes"].astype(jnp.float32), obj[..., None])  # [N, S, S, C]
 
   # Boxes as (cx, cy, w, h) in image fractions relative to the cell's corner (the cell offset
   # is common to both boxes and cancels in the IoU).
@@ -311,7 +420,8 @@ def box_delta_giou(pred_deltas: Array, target_deltas: Array, mask: Array, *, roi
   """1 - GIoU of the boxes the predicted and the target deltas decode to (about `rois`)."""
   from jaxdet.ops import box_coder
   checks.check_boxes("rois", rois)
-  decode = lambda d: box_coder.decode_boxes(d, rois, stds=tuple(stds))   # noqa: E731
+  decode = lambda d: box_coder.decode_boxes(_sanitize(d, mask[:, None]), rois,  # noqa: E731
+                                            stds=tuple(stds))
   return giou_loss(decode(pred_deltas), decode(jax.lax.stop_gradient(target_deltas)), mask)
 
 
@@ -364,6 +474,9 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
     cls_logits: f[R, C + 1] class scores, column 0 = background.
     box_deltas: f[R, C, 4] class-specific deltas for the C object classes (no background).
     labels: int[R] in [0, C] (0 = background, c + 1 = object class c); anything where masked.
+      Precondition, not checked here (no host sync): an out-of-range label where the mask is
+      True is clamped silently. Data entry checks labels; on the device opt in with
+      `check_labels(labels, C + 1, mask)` under checkify (`checked`, see the module doc).
     box_targets: f32[R, 4] normalised deltas of each RoI's matched ground truth (used where
       labels >= 1).
     mask: bool[R] True = a sampled RoI (False = padding of the fixed-size minibatch).
@@ -396,8 +509,10 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
   cls_index = jnp.clip(labels - 1, 0, c1 - 2)                               # [R]
   pred = jnp.take_along_axis(box_deltas.astype(jnp.float32),
                              cls_index[:, None, None], axis=1)[:, 0]        # [R, 4]
-  # Rows outside the foreground may hold anything (NaN targets, empty RoIs): replace them by
-  # harmless values so that no NaN reaches a gradient through the box loss (double `where`).
+  # Rows outside the foreground may hold anything (NaN predictions or targets, empty RoIs):
+  # replace them by harmless values so that no NaN reaches a gradient through the box loss,
+  # whichever (user) box loss it is (double `where`).
+  pred = jnp.where(fg[:, None], pred, 0.0)
   safe_targets = jnp.where(fg[:, None], box_targets.astype(jnp.float32), 0.0)
   safe_rois = jnp.where(fg[:, None], rois.astype(jnp.float32),
                         jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32))

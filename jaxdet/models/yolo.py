@@ -198,6 +198,11 @@ def encode_targets(boxes: Array, labels: Array, mask: Array, *, grid_size: int,
   others are dropped, as darknet's `fill_truth_region` does (YOLO v1 predicts one class set per
   cell). Centres on or beyond the image border go to the nearest border cell.
 
+  Precondition: labels in [0, C) where the mask is True. Not checked here (no host sync on the
+  normal path): an out-of-range label would give its cell an all-zero class vector. Data entry
+  checks labels (`jaxdet.checks.check_label_values`); on the device, opt in with
+  `jaxdet.losses.check_labels(labels, C, mask)` under checkify (`jaxdet.losses.checked`).
+
   Args:
     boxes: f32[M, 4] (x1, y1, x2, y2) pixels of the network input.
     labels: int[M] classes 0..C-1 (padding entries may hold anything).

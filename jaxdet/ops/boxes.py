@@ -4,6 +4,12 @@ Boxes are f32[..., 4] (x1, y1, x2, y2) in absolute pixels, continuous coordinate
 width is x2 - x1. Every function works on one image (vmap for a batch), computes in float32 and
 has finite gradients for degenerate boxes (zero area, x2 < x1): divisions use the double-`where`
 pattern, and a box with x2 < x1 or y2 < y1 has area 0.
+
+Non-finite boxes (any coordinate NaN or +-inf) overlap nothing: their IoU and GIoU with every
+box are 0, explicitly (`finite_box_mask`), and their coordinates are replaced before the
+arithmetic, so they pass no NaN into the gradients of the boxes they are paired with. IoU 0
+is not "valid": an op that selects or matches boxes (NMS, matching, merging) must also treat a
+non-finite box as invalid, never as a pick or a match.
 """
 
 from __future__ import annotations
@@ -125,6 +131,27 @@ def small_box_mask(boxes: jax.Array, min_size: Any) -> jax.Array:
 
 # --- area and overlap ---------------------------------------------------------------------------
 
+def finite_box_mask(boxes: jax.Array) -> jax.Array:
+  """True for boxes whose four coordinates are all finite; boxes f32[..., 4] -> bool[...]."""
+  checks.check_boxes("boxes", boxes, ndim=_ANY_RANK)
+  return jnp.all(jnp.isfinite(jnp.asarray(boxes)), axis=-1)
+
+
+_SAFE_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+def _finite_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Broadcast boxes a, b f32[..., 4] -> (a', b', ok bool[...]): non-finite boxes replaced by
+  a harmless box (double `where`: no NaN reaches the arithmetic or its gradient), ok False
+  for the pairs where either box is not finite."""
+  fa = jnp.all(jnp.isfinite(a), axis=-1)
+  fb = jnp.all(jnp.isfinite(b), axis=-1)
+  safe = jnp.asarray(_SAFE_BOX, jnp.float32)
+  a = jnp.where(fa[..., None], a, safe)
+  b = jnp.where(fb[..., None], b, safe)
+  return a, b, fa & fb
+
+
 def box_area(boxes: jax.Array) -> jax.Array:
   """Area of boxes f32[..., 4] -> f32[...]; boxes with x2 < x1 or y2 < y1 have area 0."""
   checks.check_boxes("boxes", boxes, ndim=_ANY_RANK)
@@ -160,12 +187,14 @@ def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     a: f32[N, 4] (x1, y1, x2, y2) pixels.
     b: f32[M, 4] (x1, y1, x2, y2) pixels.
   Returns:
-    f32[N, M] in [0, 1]; 0 where the union is empty (degenerate boxes), with finite gradients.
+    f32[N, M] in [0, 1]; 0 where the union is empty (degenerate boxes) and where either box is
+    not finite (see the module doc), with finite gradients.
   """
   checks.check_boxes("a", a)
   checks.check_boxes("b", b)
-  inter, union, _ = _overlap(_f32(a)[:, None, :], _f32(b)[None, :, :])   # [N, M] each
-  return _safe_div(inter, union)
+  a, b, ok = _finite_pair(_f32(a)[:, None, :], _f32(b)[None, :, :])     # ok [N, M]
+  inter, union, _ = _overlap(a, b)                                       # [N, M] each
+  return jnp.where(ok, _safe_div(inter, union), 0.0)
 
 
 def generalized_box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -178,11 +207,12 @@ def generalized_box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     b: f32[M, 4] (x1, y1, x2, y2) pixels.
   Returns:
     f32[N, M] in [-1, 1], <= IoU; a term whose denominator is 0 (degenerate boxes) counts as 0,
-    with finite gradients.
+    and so does a pair with a non-finite box (GIoU 0), with finite gradients.
   """
   checks.check_boxes("a", a)
   checks.check_boxes("b", b)
-  return _giou(*_overlap(_f32(a)[:, None, :], _f32(b)[None, :, :]))
+  a, b, ok = _finite_pair(_f32(a)[:, None, :], _f32(b)[None, :, :])
+  return jnp.where(ok, _giou(*_overlap(a, b)), 0.0)
 
 
 def _check_pair(a: jax.Array, b: jax.Array) -> None:
@@ -202,11 +232,13 @@ def elementwise_box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     a: f32[..., 4] (x1, y1, x2, y2) pixels.
     b: f32[..., 4], the same shape as `a` (or one that broadcasts with it).
   Returns:
-    f32[...] in [0, 1]; 0 where the union is empty, with finite gradients.
+    f32[...] in [0, 1]; 0 where the union is empty or a box is not finite, with finite
+    gradients.
   """
   _check_pair(a, b)
-  inter, union, _ = _overlap(_f32(a), _f32(b))
-  return _safe_div(inter, union)
+  a, b, ok = _finite_pair(_f32(a), _f32(b))
+  inter, union, _ = _overlap(a, b)
+  return jnp.where(ok, _safe_div(inter, union), 0.0)
 
 
 def elementwise_generalized_box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -216,7 +248,9 @@ def elementwise_generalized_box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     a: f32[..., 4] (x1, y1, x2, y2) pixels.
     b: f32[..., 4], the same shape as `a` (or one that broadcasts with it).
   Returns:
-    f32[...] in [-1, 1], with finite gradients for degenerate boxes.
+    f32[...] in [-1, 1], with finite gradients for degenerate boxes; 0 where a box is not
+    finite.
   """
   _check_pair(a, b)
-  return _giou(*_overlap(_f32(a), _f32(b)))
+  a, b, ok = _finite_pair(_f32(a), _f32(b))
+  return jnp.where(ok, _giou(*_overlap(a, b)), 0.0)

@@ -18,6 +18,10 @@ size returns the image exactly.
 
 Implemented with four gathers per output pixel (no [out, H, W] interpolation matrices), so its
 memory is that of the output, O(N out_h out_w C), at any image size.
+
+A box is used when its mask entry is True and its coordinates are finite; any other box comes
+out as `fill` and is replaced by a harmless box before the arithmetic (double `where`), so it
+passes no NaN to the gradients. The image must be non-empty (height and width > 0).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdet import checks
+from jaxdet.ops.boxes import finite_box_mask
 
 
 def dilate_boxes(boxes: jax.Array, context: float, out_size: Sequence[int]) -> jax.Array:
@@ -104,8 +109,10 @@ def crop_and_resize(image: jax.Array, boxes: jax.Array, out_size: Sequence[int],
   """Warps each box of one image to out_size (bilinear), optionally dilated for context.
 
   Args:
-    image: f[H, W, C] (any real dtype; e.g. normalised pixels), NHWC without the batch axis.
-    boxes: f32[N, 4] (x1, y1, x2, y2) pixels of `image`.
+    image: f[H, W, C] (any real dtype; e.g. normalised pixels), NHWC without the batch axis;
+      H, W > 0.
+    boxes: f32[N, 4] (x1, y1, x2, y2) pixels of `image`; non-finite boxes are treated as
+      padding.
     out_size: (out_h, out_w), static.
     context: p, pixels of context at the warped size (R-CNN: 16), see `dilate_boxes`.
     image_size: (height, width) of the real pixels (Python numbers or a traced i32[2]); the
@@ -117,12 +124,15 @@ def crop_and_resize(image: jax.Array, boxes: jax.Array, out_size: Sequence[int],
     dtype[N, out_h, out_w, C].
   """
   checks.check_array("image", image, ndim=3, dtype_kind="uif")
+  checks.check_spatial_size("image", image, "image")
   checks.check_boxes("boxes", boxes, ndim=2)
   if mask is not None:
     checks.check_mask("mask", mask, "boxes", boxes.shape[:1])
   oh, ow = (int(s) for s in out_size)
   checks.check_positive("out_size", (oh, ow))
-  b = jnp.asarray(boxes, jnp.float32)
+  used = finite_box_mask(boxes) if mask is None else finite_box_mask(boxes) & mask   # [N]
+  b = jnp.where(used[:, None], jnp.asarray(boxes, jnp.float32),
+                jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32))       # padding: a harmless box
   if context:
     b = dilate_boxes(b, context, (oh, ow))
   if image_size is None:
@@ -131,8 +141,7 @@ def crop_and_resize(image: jax.Array, boxes: jax.Array, out_size: Sequence[int],
     size = jnp.asarray(image_size, jnp.float32)
     height, width = size[0], size[1]
   out = jax.vmap(lambda box: _warp_one(image, box, oh, ow, height, width, fill))(b)
-  if mask is not None:
-    out = jnp.where(mask[:, None, None, None], out, jnp.float32(fill))
+  out = jnp.where(used[:, None, None, None], out, jnp.float32(fill))
   return out.astype(dtype)
 
 
@@ -143,6 +152,7 @@ def batch_crop_and_resize(images: jax.Array, boxes: jax.Array, out_size: Sequenc
   """`crop_and_resize` over a batch: images f[B, H, W, C], boxes f32[B, N, 4],
   image_size i32[B, 2] or None, mask bool[B, N] or None -> dtype[B, N, out_h, out_w, C]."""
   checks.check_array("images", images, ndim=4, dtype_kind="uif")
+  checks.check_spatial_size("images", images, "image", axes=(1, 2))
   checks.check_boxes("boxes", boxes, ndim=3)
   checks.check_same_size("images", images, "boxes", boxes)
   if image_size is None:

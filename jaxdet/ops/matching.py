@@ -4,6 +4,12 @@ The rule of Fast/Faster R-CNN (and torchvision's `Matcher`): a row (anchor or pr
 ground-truth box it overlaps most; it is positive when that IoU >= `high`, negative when
 `negative_floor` <= IoU < `low` (Fast R-CNN's background interval [0.1, 0.5), Faster R-CNN's RPN
 [0, 0.3)) and ignored otherwise. IoU values and thresholds are compared in float32.
+
+Non-finite boxes never match: `jaxdet.ops.boxes.box_iou` gives them IoU 0 with every box, so a
+non-finite ground-truth box is never the match of a positive row (also not by the low-quality
+rule, which needs an IoU > 0), and an IoU entry that is itself not finite (a user's overlap
+function) counts as no overlap. A row whose own box is not finite has max_iou 0: pass
+`row_mask=jaxdet.ops.boxes.finite_box_mask(rows)` to ignore it rather than call it negative.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ def match_boxes(iou: jax.Array, gt_mask: jax.Array, *, high: float, low: float,
   """Assigns every row its best ground-truth box and a training label.
 
   Args:
-    iou: f32[N, M] IoU of N anchors/proposals (rows) with M ground-truth boxes (columns).
+    iou: f32[N, M] IoU of N anchors/proposals (rows) with M ground-truth boxes (columns);
+      non-finite entries count as no overlap (never matched).
     gt_mask: bool[M], True = real ground truth; padded columns never match.
     high: IoU at or above which a row is positive.
     low: IoU below which a row is negative (low <= high; low == high leaves nothing ignored).
@@ -53,9 +60,11 @@ def match_boxes(iou: jax.Array, gt_mask: jax.Array, *, high: float, low: float,
                      f"{negative_floor!r}, low {low!r}, high {high!r}")
 
   valid_row = jnp.ones((n,), bool) if row_mask is None else row_mask
+  iou = jnp.asarray(iou, jnp.float32)
   pair_ok = valid_row[:, None] & gt_mask[None, :]                    # [N, M]
-  q = jnp.where(pair_ok, jnp.asarray(iou, jnp.float32), -jnp.inf)   # [N, M]
   has_gt = jnp.any(pair_ok, axis=1)                                  # [N]
+  pair_ok = pair_ok & jnp.isfinite(iou)                              # non-finite: no overlap
+  q = jnp.where(pair_ok, iou, -jnp.inf)                              # [N, M]
   if m == 0:
     matched_gt = jnp.zeros((n,), jnp.int32)
     best = jnp.zeros((n,), jnp.float32)
@@ -63,7 +72,7 @@ def match_boxes(iou: jax.Array, gt_mask: jax.Array, *, high: float, low: float,
     matched_gt = jnp.argmax(q, axis=1).astype(jnp.int32)           # [N]
     best = jnp.max(q, axis=1)                                       # [N]
   matched_gt = jnp.where(has_gt, matched_gt, 0)
-  max_iou = jnp.where(has_gt, best, 0.0)
+  max_iou = jnp.where(has_gt & (best > -jnp.inf), best, 0.0)        # all non-finite: 0
 
   labels = jnp.where(max_iou >= high, 1, jnp.where(
       (max_iou >= negative_floor) & (max_iou < low), 0, -1))

@@ -5,8 +5,8 @@ descending, ties broken by the lower index; keep the best remaining box; discard
 box whose IoU with it is > `iou_threshold`; repeat. The picks here are exactly those, in pick
 order, computed without an N x N IoU matrix and with few sequential steps:
 
-1. one sort puts the candidates (mask True, score >= score_threshold, score not NaN) first, by
-   score descending, index ascending;
+1. one sort puts the candidates (mask True, score >= score_threshold, finite score and box) first,
+   by score descending, index ascending;
 2. the sorted boxes are cut into blocks of about `block_size`; a `while_loop` visits the blocks in
    order and stops as soon as `max_output` boxes are kept or the candidates run out;
 3. a block is first suppressed against all boxes kept so far (one [block, max_output] IoU, fully
@@ -20,6 +20,10 @@ Memory is O(block_size * (block_size + max_output)); work is O(N * max_output).
 Padding convention of every function here: outputs have a fixed capacity K = `max_output`;
 `valid` is True for the first `count` entries and False after; padded entries hold index 0
 (and zero boxes, scores and labels in `multiclass_nms`).
+
+Non-finite inputs are invalid: a box with a NaN or infinite coordinate, or a NaN or +-inf score,
+is never a candidate, so never a pick; and its IoU with any box is 0 (`jaxdet.ops.boxes`), so it
+suppresses nothing.
 """
 
 from __future__ import annotations
@@ -184,7 +188,7 @@ def _nms_impl(boxes, scores, classes, iou_threshold, max_output, mask, score_thr
   """Shared body of `nms` and `batched_nms` (arguments already checked)."""
   n = boxes.shape[0]
   scores = scores.astype(jnp.float32)
-  candidate = ~jnp.isnan(scores)
+  candidate = jnp.isfinite(scores) & jnp.all(jnp.isfinite(boxes), axis=-1)   # see module doc
   if mask is not None:
     candidate = candidate & mask
   if score_threshold is not None:
@@ -218,8 +222,10 @@ def nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_output: i
 
   Args:
     boxes: f32[N, 4] (x1, y1, x2, y2) pixels. A box with x2 < x1 or y2 < y1 has area 0, so its IoU
-      with any box is 0: it never suppresses nor is suppressed.
-    scores: f32[N]; higher is better. Ties are broken by the lower index. NaN scores never picked.
+      with any box is 0: it never suppresses nor is suppressed. A box with a non-finite
+      coordinate is never picked and suppresses nothing.
+    scores: f32[N]; higher is better. Ties are broken by the lower index. Non-finite scores
+      (NaN, +-inf) are never picked.
     iou_threshold: in [0, 1]; a box is discarded when its IoU with a kept box is > this.
     max_output: K, the fixed number of outputs (static).
     mask: bool[N] or None; False = padding, never picked.
@@ -247,8 +253,8 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array, iou_thr
   exactly the union of per-class greedy NMS, sorted by score descending (ties: lower index).
 
   Args:
-    boxes: f32[N, 4] (x1, y1, x2, y2) pixels.
-    scores: f32[N].
+    boxes: f32[N, 4] (x1, y1, x2, y2) pixels; non-finite boxes are never picked (as in `nms`).
+    scores: f32[N]; non-finite scores are never picked.
     classes: i32[N] class (or any group id) of each box.
     iou_threshold, max_output, mask, score_threshold, pre_nms_topk, block_size: as in `nms`;
       pre_nms_topk counts candidates over all classes.
@@ -270,7 +276,8 @@ def multiclass_nms(boxes: jax.Array, scores: jax.Array, *, iou_threshold: float,
                    block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, jax.Array]:
   """Test-time post-processing of a detector: per-class NMS, then the best detections overall.
 
-  Every (box, class) pair with score >= score_threshold is a candidate; NMS runs per class
+  Every (box, class) pair with a finite score >= score_threshold and a finite box is a
+  candidate; NMS runs per class
   (as `batched_nms`), and the max_output best picks over all classes by score are returned
   (Fast R-CNN, Faster R-CNN, YOLO).
 

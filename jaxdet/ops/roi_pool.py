@@ -28,6 +28,12 @@ per output cell, independent of the RoI size; the table holds (floor(log2 H) + 1
 (floor(log2 W) + 1) H W C values (36 copies of a 38x63 map). The gradient reaches the bin's
 argmax (for tied maxima JAX's `max` splits it evenly, where torchvision gives it all to the
 first in row-major order; the total is the same).
+
+Padding and non-finite rois. A roi is used when its mask entry is True and its four coordinates
+are finite; any other roi (padding, or NaN / inf coordinates) comes out as zeros and is replaced
+by a harmless box before any arithmetic (double `where`), so its garbage reaches neither the
+values nor the gradients (of the features or of the other rois). The feature map must be
+non-empty (height and width > 0): an empty map is a ValueError.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 from jax import lax
 
 from jaxdet import checks
+from jaxdet.ops.boxes import finite_box_mask
 
 # Elements of one image's per-chunk intermediate in `roi_align` (4 bytes each in float32).
 _ALIGN_CHUNK_ELEMENTS = 1 << 24
@@ -60,6 +67,7 @@ def _output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
 
 def _check_inputs(features, rois, spatial_scale, mask) -> None:
   checks.check_array("features", features, ndim=3, dtype_kind="f")
+  checks.check_spatial_size("features", features)
   checks.check_boxes("rois", rois)
   checks.check_positive("spatial_scale", spatial_scale)
   if mask is not None:
@@ -108,6 +116,12 @@ def _pool_bins(start: jax.Array, end: jax.Array, pooled: int, size: int):
   return lo, hi
 
 
+def _used_rois(rois: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """bool[R]: the rois that are real (mask True) and finite; the others give zeros."""
+  used = finite_box_mask(rois)
+  return used if mask is None else used & mask
+
+
 def _sparse_table(features: jax.Array) -> jax.Array:
   """Block maxima: table[l, k, h, w] = max f[h : h + 2^k, w : w + 2^l] (edge-padded).
 
@@ -141,8 +155,8 @@ def roi_pool(features: jax.Array, rois: jax.Array, output_size: int | Sequence[i
   ceil((p + 1) * size / oh)) + start clipped to the map; an empty bin gives 0.
 
   Args:
-    features: f[H, W, C] feature map of one image (float32 or bfloat16).
-    rois: f32[R, 4] (x1, y1, x2, y2) in image pixels.
+    features: f[H, W, C] feature map of one image (float32 or bfloat16), H, W > 0.
+    rois: f32[R, 4] (x1, y1, x2, y2) in image pixels; a non-finite roi is treated as padding.
     output_size: oh or (oh, ow), the pooled grid.
     spatial_scale: feature-map pixels per image pixel (e.g. 1/16).
     mask: bool[R] (optional), True = real roi; padded rois give zeros.
@@ -153,7 +167,9 @@ def roi_pool(features: jax.Array, rois: jax.Array, output_size: int | Sequence[i
   _check_inputs(features, rois, spatial_scale, mask)
   oh, ow = _output_size(output_size)
   height, width, channels = features.shape
-  boxes = lax.stop_gradient(rois).astype(jnp.float32) * jnp.float32(spatial_scale)
+  used = _used_rois(rois, mask)                                        # [R]
+  boxes = jnp.where(used[:, None], lax.stop_gradient(rois).astype(jnp.float32), 0.0)
+  boxes = boxes * jnp.float32(spatial_scale)
   h_lo, h_hi = _pool_bins(boxes[:, 1], boxes[:, 3], oh, height)        # [R, oh]
   w_lo, w_hi = _pool_bins(boxes[:, 0], boxes[:, 2], ow, width)         # [R, ow]
 
@@ -180,8 +196,7 @@ def roi_pool(features: jax.Array, rois: jax.Array, output_size: int | Sequence[i
   out = jnp.maximum(jnp.maximum(lookup(ha, wa), lookup(ha, wb)),
                     jnp.maximum(lookup(hb, wa), lookup(hb, wb)))
   keep = (h_hi > h_lo)[:, :, None] & (w_hi > w_lo)[:, None, :]         # [R, oh, ow]
-  if mask is not None:
-    keep = keep & mask[:, None, None]
+  keep = keep & used[:, None, None]
   return jnp.where(keep[..., None], out, jnp.zeros((), features.dtype))
 
 
@@ -227,7 +242,13 @@ def _align_weights(start: jax.Array, length: jax.Array, pooled: int, size: int,
   pix = jnp.arange(size, dtype=jnp.float32)
   tent = jnp.maximum(1.0 - jnp.abs(y[..., None] - pix), 0.0)           # [R, P, S, size]
   tent = jnp.where(used[..., None], tent, 0.0)
-  return tent.sum(axis=2) / grid_f                                     # [R, P, size]
+  # The sum over the samples as a product with ones, not a reduction: XLA CPU (jaxlib 0.10.2)
+  # fuses a reduction feeding the interpolation matmul into one YNNPACK fusion, which computes
+  # garbage (1e30, NaN) when the features are a splat constant (a flat image closed over by a
+  # jitted function); the product leaves no reduction to fuse. Same values (exact f32 sum).
+  total = jnp.einsum("rpsh,s->rph", tent, jnp.ones((num,), jnp.float32),
+                     precision=lax.Precision.HIGHEST)                   # [R, P, size]
+  return total / grid_f                                                # [R, P, size]
 
 
 def roi_align(features: jax.Array, rois: jax.Array, output_size: int | Sequence[int],
@@ -243,8 +264,8 @@ def roi_align(features: jax.Array, rois: jax.Array, output_size: int | Sequence[
   roi: the data-dependent sample count is handled in static shapes (see the module doc).
 
   Args:
-    features: f[H, W, C] feature map of one image (float32 or bfloat16).
-    rois: f32[R, 4] (x1, y1, x2, y2) in image pixels.
+    features: f[H, W, C] feature map of one image (float32 or bfloat16), H, W > 0.
+    rois: f32[R, 4] (x1, y1, x2, y2) in image pixels; a non-finite roi is treated as padding.
     output_size: oh or (oh, ow), the pooled grid.
     spatial_scale: feature-map pixels per image pixel (e.g. 1/16).
     sampling_ratio: samples per bin along each axis; <= 0 for adaptive.
@@ -267,8 +288,10 @@ def roi_align(features: jax.Array, rois: jax.Array, output_size: int | Sequence[
   num_rois = rois.shape[0]
 
   offset = 0.5 if aligned else 0.0
-  boxes = rois.astype(jnp.float32) * jnp.float32(spatial_scale) - jnp.float32(offset)
-  valid = jnp.ones((num_rois,), bool) if mask is None else mask
+  valid = _used_rois(rois, mask)                                       # [R]
+  boxes = jnp.where(valid[:, None], rois.astype(jnp.float32),
+                    jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32))    # padding: a harmless box
+  boxes = boxes * jnp.float32(spatial_scale) - jnp.float32(offset)
 
   # Contract the axis that leaves the smaller intermediate work first (static choice).
   x_first = ow * height * (width + oh) <= oh * width * (height + ow)

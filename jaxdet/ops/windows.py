@@ -137,14 +137,16 @@ def crop_windows(image: jax.Array, windows: jax.Array, size: int) -> jax.Array:
   """Crops and resizes image regions to size x size (bilinear, RoI align with 2x2 samples).
 
   Args:
-    image: [H, W, 3] pixels (any real dtype), one image.
-    windows: f32[N, 4] (x1, y1, x2, y2) pixels; may extend past the image (zeros outside).
+    image: [H, W, 3] pixels (any real dtype), one image; H, W > 0.
+    windows: f32[N, 4] (x1, y1, x2, y2) pixels; may extend past the image (zeros outside); a
+      non-finite window gives zeros.
     size: the output side.
   Returns:
     f32[N, size, size, 3].
   """
   from jaxdet.ops.roi_pool import roi_align
   checks.check_array("image", image, ndim=3, last_dim=3)
+  checks.check_spatial_size("image", image, "image")
   checks.check_boxes("windows", windows)
   return roi_align(image.astype(jnp.float32), windows.astype(jnp.float32), size, 1.0,
                    sampling_ratio=2, aligned=True)
@@ -188,7 +190,8 @@ def merge_boxes(boxes: jax.Array, scores: jax.Array, classes: jax.Array, mask: j
     boxes: f32[N, 4] (x1, y1, x2, y2) pixels.
     scores: f32[N] confidences (>= 0).
     classes: i[N] class of each box; boxes of different classes never merge.
-    mask: bool[N], False = padding.
+    mask: bool[N], False = padding. A box with a non-finite coordinate or score is padding
+      too: never merged, never valid in the result.
     threshold: merge while the best match_score <= this (>= 0; 0 merges only identical boxes).
   Returns:
     dict boxes f32[N, 4], scores f32[N] (summed), labels i32[N], counts i32[N] (boxes absorbed),
@@ -203,6 +206,9 @@ def merge_boxes(boxes: jax.Array, scores: jax.Array, classes: jax.Array, mask: j
   boxes = boxes.astype(jnp.float32)
   scores = scores.astype(jnp.float32)
   classes = classes.astype(jnp.int32)
+  mask = mask & jnp.all(jnp.isfinite(boxes), axis=-1) & jnp.isfinite(scores)
+  boxes = jnp.where(mask[:, None], boxes, 0.0)          # no NaN in the pairwise scores
+  scores = jnp.where(mask, scores, 0.0)
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)
   same = classes[:, None] == classes[None, :]
 
