@@ -86,28 +86,26 @@ def _spec(x: Any) -> list[Any]:
   return [np.dtype(x.dtype).str, [int(d) for d in x.shape]]
 
 
-def array_digests(tree: Any) -> dict[str, list[Any]]:
-  """{leaf path: [dtype, shape, sha256 of the bytes]} of every leaf of `tree` (host copies)."""
+def array_digests(tree: Any, *, finite: str = "") -> dict[str, list[Any]]:
+  """{leaf path: [dtype, shape, sha256 of the bytes]} of every leaf of `tree` (host copies).
+
+  finite: when given (what to call the tree in the error), every floating-point leaf must be
+    free of NaN and infinities, else NonFiniteError names the first that is not.
+  """
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     a = np.asarray(host_array(leaf), order="C")    # (ascontiguousarray makes 0-d 1-d)
-    out[jax.tree_util.keystr(path)] = [a.dtype.str, list(a.shape),
-                                       hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()]
+    name = jax.tree_util.keystr(path)
+    if finite and jax.dtypes.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+      raise NonFiniteError(f"{finite}: {name} holds {int((~np.isfinite(a)).sum())} non-finite "
+                           f"values; a non-finite state is never saved")
+    out[name] = [a.dtype.str, list(a.shape),
+                 hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()]
   return out
 
 
 def _json_digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def check_finite(tree: Any, what: str) -> None:
-  """Raises NonFiniteError naming the first leaf of `tree` with a NaN or an infinity."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    a = host_array(leaf)
-    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-      raise NonFiniteError(f"{what}: {jax.tree_util.keystr(path)} holds "
-                           f"{int((~np.isfinite(a)).sum())} non-finite values; a non-finite "
-                           f"state is never saved")
 
 
 def _root_cause(e: BaseException) -> str:
@@ -223,8 +221,7 @@ class Checkpoints:
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"checkpoint.best_metric: {self.best_metric!r} is not among the eval "
                        f"metrics {sorted(metrics)}")
-    check_finite(tree, f"checkpoint step {step}")
-    meta = {**self.meta, "arrays": array_digests(tree),
+    meta = {**self.meta, "arrays": array_digests(tree, finite=f"checkpoint step {step}"),
             "loader_sha256": _json_digest(loader_state)}
     self.manager.wait_until_finished()
     self._prune()          # among finished steps only: `keep` of them stay while this one saves

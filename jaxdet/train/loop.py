@@ -223,8 +223,8 @@ def _run(config, system, runner, state, rng, loader, schedule, ckpt, writer, mak
   for step in range(start + 1, num_steps + 1):
     batch = runner.put_batch(next(it))
     device_state, metrics = runner.step(device_state, batch, device_rng)
+    names = list(metrics)   # the step's metric names, which the guard's record follows
     if _due(step, log_every) or step == num_steps:
-      names = list(metrics)
       metrics, guard = jax.device_get((metrics, runner.get_guard(device_state)))
       metrics = {k: float(v) for k, v in metrics.items()}
       now = time.perf_counter()
@@ -237,7 +237,7 @@ def _run(config, system, runner, state, rng, loader, schedule, ckpt, writer, mak
     if step == num_steps:
       break   # the final save and eval follow in train_and_evaluate
     if _due(step, eval_every) or _due(step, ckpt_every):
-      check(jax.device_get(runner.get_guard(device_state)), metrics)
+      check(jax.device_get(runner.get_guard(device_state)), names)
       state = runner.get_state(device_state)
       scores = None
       if _due(step, eval_every):
@@ -257,8 +257,9 @@ def write_eval_json(workdir: str, step: int, metrics: dict[str, float]) -> str:
   try:
     files.write_json(path, record, indent=2)
   except OSError as e:
-    raise OSError(e.errno, f"eval.json: cannot write {path} ({e.strerror or e}); the scores "
-                  f"were: {files.dumps(record)}") from e
+    message = (f"eval.json: cannot write {path} ({e.strerror or e}); the scores were: "
+               f"{files.dumps(record)}")
+    raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
   return path
 
 

@@ -60,7 +60,8 @@ def test_nan_learning_rate_stops_and_keeps_every_good_checkpoint(tmp_path):
 
 
 def test_nan_loss_term_stops_naming_the_step_and_the_term(tmp_path):
-  config = faulty.config(**{"train.num_steps": 6})
+  # no log before the end: the checkpoint after step 3 is where the loop reads the guard
+  config = faulty.config(**{"train.num_steps": 6, "train.log_every": 100})
   system = faulty.named_system(config)
   with pytest.raises(FloatingPointError) as err:
     loop.train_and_evaluate(config, str(tmp_path), system=system,
