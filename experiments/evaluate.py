@@ -5,16 +5,18 @@
 
 eval.json: VOC07 mAP@0.5 (voc07_map), COCO AP / AP50 / AP75 and images/s of the predict
 function (compilation excluded) over `config.eval.split`, scored in the original images'
-pixels. --dump FILE also writes the detections as JSON Lines (one image a line: image_id,
-height, width, detections [{box [x1, y1, x2, y2] original pixels, score, label, class}]).
+pixels. The scores are printed first, so a workdir that cannot be written to (eval.json fails,
+naming its path) still shows them. --dump FILE also writes the detections as JSON Lines (one
+image a line: image_id, height, width, detections [{box [x1, y1, x2, y2] original pixels,
+score, label, class}]).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 from experiments.configs import common
+from jaxdet import files
 
 
 def define_flags(fv) -> None:
@@ -32,12 +34,13 @@ def main(argv: list[str]) -> dict:
   if config.system == "rcnn":   # SVMs and box regressors live beside the checkpoints
     from experiments.rcnn_stages import evaluate
   else:
-    from jaxdet.train.loop import evaluate
+    from jaxdet.train.loop import evaluate   # prints the scores itself, before eval.json
   if config.system == "faster_rcnn":   # 4-step training: the detector is its last step's
     from jaxdet.models import faster_rcnn
     config, workdir = faster_rcnn.detector_run(config, workdir)
   scores = evaluate(config, workdir, dump=flags.dump)
-  print(json.dumps(scores))
+  if config.system == "rcnn":
+    print(files.dumps(scores))
   return scores
 
 

@@ -50,6 +50,11 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
       "num_steps": 300 if cpu else 40_000,
       "log_every": 10 if cpu else 50,
       "parallel": "shard_map",          # "shard_map" | "pmap" (same train_step)
+      # A step whose loss, gradients or updated state is NaN/inf is never applied. "stop":
+      # end the run with an error naming the step and the non-finite loss/... terms; "skip":
+      # drop that update, count it (skipped_steps), stop after max_consecutive_skips in a row.
+      "on_nonfinite": "stop",
+      "max_consecutive_skips": 10,
   })
 
 

@@ -42,13 +42,15 @@ def model_meta(config: Any, system: System) -> dict[str, Any]:
           "model": {**to_dict(config.get("model", {})), "num_classes": system.num_classes}}
 
 
-def open_checkpoints(config: Any, workdir: str, system: System) -> Checkpoints:
-  """The run's checkpoints under workdir/checkpoints, configured by `config.checkpoint`."""
+def open_checkpoints(config: Any, workdir: str, system: System, *,
+                     read_only: bool = False) -> Checkpoints:
+  """The run's checkpoints under workdir/checkpoints, configured by `config.checkpoint`
+  (read_only: for evaluation; creates, saves and moves nothing)."""
   ck = config.checkpoint
   return Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"),
                      model_meta(config, system), keep=int(ck.keep),
                      best_metric=str(ck.get("best_metric", "")),
-                     best_mode=str(ck.get("best_mode", "max")))
+                     best_mode=str(ck.get("best_mode", "max")), read_only=read_only)
 
 
 def peek(loader: Any) -> dict[str, Any]:

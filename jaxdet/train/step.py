@@ -3,15 +3,23 @@
 `train_step` is one function for every detector and every device layout: the data-parallel
 wrappers (jaxdet.train.parallel) run it per device with `axis_name` set, which averages the
 gradients, model state and metrics across devices.
+
+`guarded_train_step` is the step the loop runs: `train_step` plus a guard against non-finite
+numbers. It carries a small guard (a dict of arrays) beside the state; a step whose loss,
+metrics, gradient norm or updated state holds a NaN or an infinity is not applied, and the
+guard keeps the first such step and its metrics on the device until the loop reads them at
+its next log, evaluation or checkpoint (no host round trip per step).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxdet.system import Batch, System
@@ -73,9 +81,124 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: Loss
   return new_state, metrics
 
 
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or an infinity (loss, gradients or state), or a state to be
+  saved holds one."""
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+MAX_GUARD_METRICS = 64   # the metrics of a bad step kept in the guard (sorted by name)
+
+
+def init_guard() -> dict[str, np.ndarray]:
+  """The guard at the start of a run (or after a resume): nothing non-finite seen yet.
+
+  Returns:
+    {"bad_step": i32[] the first step whose update was refused for good (0 = none; under
+       "skip", the step that made `max_consecutive_skips` skips in a row),
+     "bad_metrics": f32[MAX_GUARD_METRICS] that step's metrics in sorted-name order (NaN pad),
+     "bad_update": bool[] whether the updated state (not only the loss) was non-finite there,
+     "skipped": i32[] updates skipped so far ("skip"), "in_a_row": i32[] the current run of
+       skips}.
+  """
+  return {"bad_step": np.zeros((), np.int32),     # NumPy: placing it compiles nothing
+          "bad_metrics": np.full((MAX_GUARD_METRICS,), np.nan, np.float32),
+          "bad_update": np.zeros((), bool), "skipped": np.zeros((), np.int32),
+          "in_a_row": np.zeros((), np.int32)}
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """bool[]: every floating-point leaf of `tree` is free of NaN and infinities."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
+def guarded_train_step(carry: tuple[TrainState, dict[str, jax.Array]], batch: Batch,
+                       rng: jax.Array, *, loss_fn: LossFn, policy: str = "stop",
+                       max_consecutive_skips: int = 10, axis_name: str | None = None
+                       ) -> tuple[tuple[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:
+  """`train_step` that never applies a non-finite update.
+
+  A step is bad when any metric (the loss, its `loss/...` terms, grad_norm, so any NaN or inf
+  gradient) or any leaf of the updated state is not finite. The bad update is dropped inside
+  the step (a select, no host round trip):
+    policy "stop": the state stays as it was before the first bad step, step count included,
+      and stays so for every later step; the guard records the step and its metrics, and the
+      loop stops with an error at its next check.
+    policy "skip": the step counts (state.step advances) but parameters, optimizer state and
+      model state stay; metrics["skipped_steps"] counts the skips. The `max_consecutive_skips`th
+      skip in a row is recorded in the guard as under "stop" (and nothing is applied after it).
+
+  Args:
+    carry: (state, guard); guard from `init_guard`.
+    batch, rng, loss_fn, axis_name: as for `train_step` (the checks run on the averaged
+      values, so every device decides alike).
+  Returns:
+    ((state, guard), metrics): metrics as `train_step`'s, plus "skipped_steps" under "skip".
+  """
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f"train.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {policy!r}")
+  state, guard = carry
+  new_state, metrics = train_step(state, batch, rng, loss_fn=loss_fn, axis_name=axis_name)
+  names = sorted(metrics)[:MAX_GUARD_METRICS]
+  values = jnp.stack([metrics[k] for k in names])
+  update_ok = all_finite((new_state.params, new_state.opt_state, new_state.model_state))
+  ok = all_finite(metrics) & update_ok
+  in_a_row = jnp.where(ok, 0, guard["in_a_row"] + 1)
+  tripped = jnp.logical_not(ok) if policy == "stop" else in_a_row >= max_consecutive_skips
+  first = tripped & (guard["bad_step"] == 0)
+  apply = ok & (guard["bad_step"] == 0)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, old)
+  state = state.replace(
+      step=state.step + 1 if policy == "skip" else jnp.where(apply, new_state.step, state.step),
+      params=keep(new_state.params, state.params),
+      opt_state=keep(new_state.opt_state, state.opt_state),
+      model_state=keep(new_state.model_state, state.model_state))
+  padded = jnp.full((MAX_GUARD_METRICS,), jnp.nan, jnp.float32).at[:len(names)].set(values)
+  guard = {"bad_step": jnp.where(first, new_state.step, guard["bad_step"]),
+           "bad_metrics": jnp.where(first, padded, guard["bad_metrics"]),
+           "bad_update": jnp.where(first, jnp.logical_not(update_ok), guard["bad_update"]),
+           "skipped": guard["skipped"] + jnp.logical_not(ok).astype(jnp.int32),
+           "in_a_row": in_a_row}
+  if policy == "skip":
+    metrics = {**metrics, "skipped_steps": guard["skipped"].astype(jnp.float32)}
+  return (state, guard), metrics
+
+
+def guard_report(guard: Any, metric_names: Any) -> dict[str, Any] | None:
+  """What a host-side copy of the guard says: None when every step so far was finite, else
+  {"step": the bad step, "nonfinite": {metric name: value} of that step's non-finite metrics,
+  "bad_update": whether the updated state was non-finite, "skipped": total skips}.
+
+  metric_names: the step's metric names (keys of `train_step`'s metrics; extra ones such as
+    "skipped_steps" are ignored as the step ignores them).
+  """
+  step = int(guard["bad_step"])
+  if step == 0:
+    return None
+  names = sorted(set(metric_names) - {"skipped_steps"})[:MAX_GUARD_METRICS]
+  values = [float(v) for v in guard["bad_metrics"][:len(names)]]
+  return {"step": step, "bad_update": bool(guard["bad_update"]),
+          "skipped": int(guard["skipped"]),
+          "nonfinite": {k: v for k, v in zip(names, values) if not math.isfinite(v)}}
+
+
 def eval_step(variables: Any, batch: Batch, *, predict_fn: PredictFn) -> dict[str, jax.Array]:
   """The detector's detections for a batch: boxes f32[B, K, 4], scores, labels, valid."""
   return predict_fn(variables, batch)
+
+
+def make_guarded_step(system: System, policy: str = "stop", max_consecutive_skips: int = 10
+                      ) -> Callable[..., Any]:
+  """`guarded_train_step` bound to a System's loss: `(carry, batch, rng, *, axis_name=None)`."""
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f"train.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {policy!r}")
+  if int(max_consecutive_skips) < 1:
+    raise ValueError(f"train.max_consecutive_skips: expected a positive count, got "
+                     f"{max_consecutive_skips!r}")
+  return functools.partial(guarded_train_step, loss_fn=system.loss, policy=policy,
+                           max_consecutive_skips=int(max_consecutive_skips))
 
 
 def make_steps(system: System) -> tuple[Callable[..., Any], Callable[..., Any]]:

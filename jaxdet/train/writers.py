@@ -1,7 +1,8 @@
 """Where training reports go: DIR/metrics.jsonl, TensorBoard event files, a progress bar.
 
 tensorboardX and tqdm are imported lazily and are optional: without them, only metrics.jsonl
-is written and progress is printed as plain lines.
+is written and progress is printed as plain lines. metrics.jsonl is strict JSON, one object a
+line: a non-finite value is written as null.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 import time
 import warnings
 from typing import Any, Mapping
+
+from jaxdet import files
 
 
 class MetricWriter:
@@ -41,15 +44,41 @@ class MetricWriter:
       return
     values = {k: float(v) for k, v in scalars.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
+      f.write(files.dumps({"step": int(step), "split": split, **values}) + "\n")
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(f"{split}/{k}", v, int(step))
       self._tb.flush()
 
+  def truncate(self, step: int, *, keep_eval_at_step: bool = True) -> int:
+    """Drops the lines of metrics.jsonl written after `step` (and a torn last line), so that a
+    run resumed from checkpoint `step` logs no step twice; returns how many were dropped.
+
+    keep_eval_at_step: False also drops the eval lines at `step` itself (the resumed run
+      evaluates that step again: a finished run's final evaluation).
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if _keep(line, step, keep_eval_at_step)]
+    if len(kept) != len(lines):
+      files.atomic_write(self.path, lambda f: f.write("".join(kept).encode()), ".jsonl")
+    return len(lines) - len(kept)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _keep(line: str, step: int, keep_eval_at_step: bool) -> bool:
+  """Whether a metrics.jsonl line survives a resume from `step` (unreadable lines do not)."""
+  try:
+    record = json.loads(line)
+    at = int(record["step"])
+  except (ValueError, KeyError, TypeError):
+    return False
+  return at < step or (at == step and (keep_eval_at_step or record.get("split") != "eval"))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
