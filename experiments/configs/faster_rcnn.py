@@ -82,6 +82,7 @@ def get_config(preset: str = "cpu"):
     config.data.resize.mode = "shorter_side"
     config.data.resize.min_sizes = (600,)
     config.data.resize.max_size = 1000
+    config.data.group_by_aspect = True   # batches fit 600 x 1000 or 1000 x 600, not 1000 x 1000
   config.data.augment.hflip = True
 
   config.train.batch_size = 8 if cpu else 2
