@@ -12,8 +12,9 @@ sizes). Selective search (R-CNN, Fast R-CNN) is replaced by random boxes at the 
 capacity (2000), since the point is the network's cost, not the proposals'.
 
 Printed per preset: the batch shape, the time of the first step (compilation included), the
-time per later step, the predict time, and the process's peak resident memory
-(resource.getrusage maxrss, cumulative: the largest preset so far). `--batch 0` uses the
+time per later step, the time of the first predict (compilation included), and the peak
+resident memory (resource.getrusage maxrss) of the process that ran it: each preset runs in a
+process of its own. `--batch 0` uses the
 preset's own batch size (YOLO: 64 images of 448 x 448); the default, 1, keeps a 2-core run
 short. No GPU is needed; on an accelerator the same command measures it.
 
@@ -27,6 +28,8 @@ import argparse
 import contextlib
 import importlib
 import resource
+import subprocess
+import sys
 import time
 from typing import Any, Iterator, Sequence
 from unittest import mock
@@ -153,16 +156,19 @@ def _model_batch(batch: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in batch.items() if k != "example_mask"}
 
 
-def trace(config, *, batch_size: int | None = None) -> dict[str, Any]:
+def trace(config, *, batch_size: int | None = None, test_batch_size: int | None = None
+          ) -> dict[str, Any]:
   """Shapes of init, one train step and predict at the preset's true shapes (eval_shape; no
-  compilation). Returns {"train_batch": image shape, "test_batch": ..., "params": count,
+  compilation); `test_batch_size` (default batch_size) for predict: 1 gives a single image's
+  own bucket. Returns {"train_batch": image shape, "test_batch": ..., "params": count,
   "loss": ShapeDtypeStruct, "detections": {key: ShapeDtypeStruct}}."""
   from jaxdet.train import optim, setup
   from jaxdet.train.state import TrainState
   from jaxdet.train.step import make_steps
   system = setup.system_from_config(config)
   train_batch = _model_batch(preset_batch(config, train=True, batch_size=batch_size))
-  test_batch = _model_batch(preset_batch(config, train=False, batch_size=batch_size))
+  test_batch = _model_batch(preset_batch(config, train=False,
+                                         batch_size=test_batch_size or batch_size))
   tx, _ = optim.make_optimizer(config.optimizer, int(config.train.num_steps),
                                param_labels=system.param_labels)
   key = jax.random.PRNGKey(0)
@@ -224,15 +230,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--steps", type=int, default=1, help="train steps per preset")
   parser.add_argument("--batch", type=int, default=1,
                       help="images per batch; 0 = the preset's own batch sizes")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   names = [n for n in args.only.split(",") if n] or list(CONFIGS)
   unknown = sorted(set(names) - set(CONFIGS))
   if unknown:
     raise SystemExit(f"--only: unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, preset {args.preset}, "
-        f"batch {args.batch or 'preset'}, steps {args.steps}")
-  print(f"{'config':<12} {'train batch':<20} {'test batch':<20} {'1st step s':>10} "
-        f"{'step s':>8} {'predict s':>9} {'loss':>9} {'peak MiB':>9}")
+  if not args.child:
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, preset {args.preset}, "
+          f"batch {args.batch or 'preset'}, steps {args.steps}")
+    print(f"{'config':<12} {'train batch':<20} {'test batch':<20} {'1st step s':>10} "
+          f"{'step s':>8} {'predict s':>9} {'loss':>9} {'peak MiB':>9}", flush=True)
+  if len(names) > 1:   # one process per preset: its own peak memory
+    for name in names:
+      subprocess.run([sys.executable, "-m", "experiments.check_presets", "--only", name,
+                      "--preset", args.preset, "--steps", str(args.steps),
+                      "--batch", str(args.batch), "--child"], check=True)
+    return
   with mock_tfds(num=max(8, 2 * (args.batch or 64))):
     for name in names:
       config = load_config(name, args.preset)

@@ -35,16 +35,18 @@ def mocked():
 def test_preset_traces_at_its_true_shapes(name, preset, mocked):
   config = cp.load_config(name, preset)
   bs = min(int(config.train.batch_size), 8)   # YOLO's 64: the shapes per image are the same
-  out = cp.trace(config, batch_size=bs)
+  out = cp.trace(config, batch_size=bs, test_batch_size=1)   # predict on one image's shape
   h, w = out["train_batch"][1:3]
   buckets = {tuple(b) for b in (config.data.buckets or transforms.default_buckets(config.data))}
   assert (h, w) in buckets
   if preset == "paper":
     assert (h, w) in PAPER_SHAPES[name], (name, (h, w))
   assert out["loss"].shape == () and out["loss"].dtype == np.float32
+  if preset == "paper":
+    assert tuple(out["test_batch"][1:3]) in PAPER_SHAPES[name], (name, out["test_batch"])
   dets = out["detections"]
   k = dets["boxes"].shape[1]
-  assert dets["boxes"].shape == (bs, k, 4) and dets["valid"].shape == (bs, k)
+  assert dets["boxes"].shape == (1, k, 4) and dets["valid"].shape == (1, k)
   assert out["params"] > 0
 
 

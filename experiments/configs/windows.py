@@ -97,7 +97,8 @@ def model_config(preset: str) -> dict:
       "backbone_kw": {},
       "pretrained": "",   # a local torchvision alexnet weights file (.pth / .npz)
       "num_windows": 32,
-      "scales": (0.4, 0.55, 0.75, 1.0, 1.4),
+      # shorter sides 240..672 px of a 480 px image: every scale keeps it above the window
+      "scales": (0.5, 0.7, 1.0, 1.4),
       "aspect_ratios": (1.0,),
       "jitter": 0.2,
       "pos_iou": 0.5, "neg_iou": 0.3, "soft_labels": False,
