@@ -25,6 +25,7 @@ compilation), used by tests/test_presets.py for every config x preset.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import resource
@@ -230,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--steps", type=int, default=1, help="train steps per preset")
   parser.add_argument("--batch", type=int, default=1,
                       help="images per batch; 0 = the preset's own batch sizes")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override (Python literal), e.g. model.chunk=32; repeatable")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   names = [n for n in args.only.split(",") if n] or list(CONFIGS)
@@ -245,11 +248,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in names:
       subprocess.run([sys.executable, "-m", "experiments.check_presets", "--only", name,
                       "--preset", args.preset, "--steps", str(args.steps),
-                      "--batch", str(args.batch), "--child"], check=True)
+                      "--batch", str(args.batch), "--child",
+                      *[f"--set={s}" for s in args.set]], check=True)
     return
   with mock_tfds(num=max(8, 2 * (args.batch or 64))):
     for name in names:
       config = load_config(name, args.preset)
+      for item in args.set:
+        key, value = item.split("=", 1)
+        *path, leaf = key.split(".")
+        section = config
+        for k in path:
+          section = section[k]
+        section[leaf] = ast.literal_eval(value)
       r = run_preset(config, steps=args.steps, batch_size=args.batch or None)
       step_s = "-" if r["step_s"] is None else f"{r['step_s']:.2f}"
       print(f"{name:<12} {str(r['train_batch']):<20} {str(r['test_batch']):<20} "
