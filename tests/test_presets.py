@@ -116,6 +116,14 @@ def test_shorter_side_batches_never_pad_to_the_square_bucket_and_compile_once_pe
     fresh = _voc_loader(config, 2)
     fresh.set_state(state)
     assert [next(fresh)["image_id"].tolist() for _ in range(3)] == after
+    # Evaluation: one pass over every example exactly once, grouped the same way.
+    ev = pipeline.make_loader(config.data, "test", batch_size=2, seed=0, train=False)
+    ids, ev_shapes = [], []
+    for batch in ev:
+      ids += batch["image_id"][batch["example_mask"]].tolist()
+      ev_shapes.append(batch["image"].shape[1:3])
+    assert sorted(ids) == list(range(12))
+    assert ev_shapes.count((1000, 1000)) <= 1
     # Without grouping the same data gives square batches: the grouping is what prevents them.
     config.data.group_by_aspect = False
     plain = _voc_loader(config, 2)

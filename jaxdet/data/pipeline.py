@@ -23,10 +23,11 @@ Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dic
   buckets:      list of (H, W) batch shapes (empty: derived from resize, see
                 transforms.default_buckets); each batch is zero padded to the smallest
                 bucket that fits all its images, so a jitted step compiles once per bucket.
-  group_by_aspect: training batches all-landscape or all-portrait (batching.
-                aspect_grouped_order), so that a shorter-side batch fits (S, M) or (M, S), not
-                the square (M, M) bucket; reads every example's image size once when the
-                first training batch is made.
+  group_by_aspect: batches all-landscape or all-portrait (batching.aspect_grouped_order;
+                training: within each shuffled epoch; evaluation: the examples in index
+                order, grouped), so that a shorter-side batch fits (S, M) or (M, S), not the
+                square (M, M) bucket; reads every example's image size once, at the first
+                batch.
   augment:      hflip: bool (p = 0.5); scale_translate: max fraction (YOLO: 0.2; 0 = off);
                 hsv: max exposure/saturation factor (YOLO: 1.5; 1 = off). Training only.
   prefetch:     batches prepared ahead by the background thread (0 = no thread).
@@ -371,10 +372,12 @@ class Loader:
 
   def _order(self, epoch: int) -> np.ndarray:
     n = len(self.source)
-    if not self.train:
+    if not self.train and not self.group_by_aspect:
       return np.arange(n)
+    epoch = epoch if self.train else 0
     if self._perm_cache is None or self._perm_cache[0] != epoch:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+      perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.train
+              else np.arange(n))
       if self.group_by_aspect:
         perm = batching.aspect_grouped_order(perm, self._landscape_flags(), self.batch_size)
       self._perm_cache = (epoch, perm)
