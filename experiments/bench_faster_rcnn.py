@@ -59,6 +59,8 @@ def model_config(size: str, dtype: str) -> dict[str, Any]:
   config = cfg_lib.get_config("cpu" if size == "small" else "paper")
   model = config.model.to_dict()
   model["num_classes"] = SETTINGS[size]["classes"]
+  if not model.get("pretrained") and not model.get("init_from"):
+    model["frozen"] = ()   # random weights: nothing loaded to keep frozen (same cost)
   return {"model": model, "compute_dtype": dtype}
 
 

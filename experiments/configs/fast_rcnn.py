@@ -36,7 +36,10 @@ Presets:
          horizontal flips, N = 2 images x 64 RoIs per minibatch, SGD lr 1e-3 (x 0.1 after 30k
          of 40k iterations), momentum 0.9, weight decay 5e-4, bfloat16 compute; proposals
          from the batch (selective search, up to 2000 per image). Truncated SVD ranks
-         (1024, 256) for fc6, fc7 (`System.extras["truncated_svd"]`).
+         (1024, 256) for fc6, fc7 (`System.extras["truncated_svd"]`). Without a weights
+         file (`model.pretrained` or `model.init_from`) the frozen layers would stay random:
+         an error (or --config.model.frozen="()" to train them all). Training batches are
+         grouped by aspect ratio (`data.group_by_aspect`): 600 x 1000 or 1000 x 600.
 
 Loss swap without editing jaxdet: --config.model.loss.box_loss=l2 (or giou, or
 "package.module:function" with the signature of jaxdet.losses.box_delta_smooth_l1).
@@ -90,6 +93,7 @@ def get_config(preset: str = "cpu"):
     config.data.resize.mode = "shorter_side"
     config.data.resize.min_sizes = (600,)
     config.data.resize.max_size = 1000
+    config.data.group_by_aspect = True   # batches fit 600 x 1000 or 1000 x 600, not 1000 x 1000
     config.data.augment.hflip = True
     config.train.batch_size = 2
     config.train.num_steps = 40_000

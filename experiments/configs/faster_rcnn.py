@@ -31,7 +31,9 @@ Presets:
          IoU 0.7 / 0.3, NMS 0.7, 12000 / 2000 proposals in training and 6000 / 300 at test;
          Fast R-CNN: 128 RoIs per image, 25% foreground; batch 2 images; SGD momentum 0.9,
          weight decay 5e-4, lr 1e-3 for 50k steps then 1e-4 for 20k (VOC 2007 trainval,
-         the py-faster-rcnn end-to-end schedule), bfloat16.
+         the py-faster-rcnn end-to-end schedule), bfloat16. Without a weights file the
+         frozen layers would stay random: an error (or --config.model.frozen="()").
+         Training batches are grouped by aspect ratio (600 x 1000 or 1000 x 600).
 
 Stages (config.model.stage): "joint" (approximate joint training, the default),
 "alternating" (the 4-step alternating training: `jaxdet.models.faster_rcnn.train_alternating`
@@ -82,6 +84,7 @@ def get_config(preset: str = "cpu"):
     config.data.resize.mode = "shorter_side"
     config.data.resize.min_sizes = (600,)
     config.data.resize.max_size = 1000
+    config.data.group_by_aspect = True   # batches fit 600 x 1000 or 1000 x 600, not 1000 x 1000
   config.data.augment.hflip = True
 
   config.train.batch_size = 8 if cpu else 2

@@ -10,6 +10,13 @@ Variants (overrides): --config.model.box_head_at=conv (box head after the last c
 Reported: accuracy and the ILSVRC localization criterion (right class, IoU >= 0.5), besides
 VOC07 mAP of the one detection per image.
 
+paper preset: VOC 2007 images squashed to 224 x 224, VGG16 from ImageNet (the VGG paper's
+localization net is VGG16 itself; torchvision's weights stand in for the authors' Caffe ones,
+which differ in training details only), per-class boxes after fc7 (the lecture's "regression
+head after the fc layers"), bfloat16:
+    python -m experiments.train --config experiments/configs/localization.py:paper --workdir W \
+        --config.model.pretrained=/path/vgg16.npz
+
 cpu preset, the lecture's recipe in one run: the class loss trains the backbone; the box head
 (its own fc layer on the last conv features) trains on those features through a stop_gradient
 (detach_box), like a regression head attached to a classification network. With the box loss
@@ -57,6 +64,7 @@ def get_config(preset: str = "cpu"):
     # ILSVRC-style: VGG16, 224 x 224 inputs, one box per class after the last fc layer.
     config.model = {
         "backbone": "vgg16", "backbone_kw": {},
+        "pretrained": "",   # a local torchvision vgg16 weights file (ImageNet)
         "num_slots": 1, "targets": "boxes", "per_class": True, "box_head_at": "fc",
         "box_fc_features": (4096,), "box_weight": 10.0, "detach_box": False,
     }

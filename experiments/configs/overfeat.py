@@ -6,6 +6,12 @@ The window classifier of windows.py plus a box regressor (L2 on window-relative 
 time the fc layers run as convolutions over each scale, every window's box is mapped back to the
 image, and boxes of the same class are merged (OverFeat section 4.3). Scored with VOC07 mAP.
 
+paper preset: windows.py's (VOC 2007, shorter side 480, torchvision AlexNet standing in for
+OverFeat-fast, whose weights were never published; see there) plus OverFeat's window box
+coding with L2, boxes from windows of IoU >= 0.4, merging at 0.6:
+    python -m experiments.train --config experiments/configs/overfeat.py:paper --workdir W \
+        --config.model.pretrained=/path/alexnet.npz
+
 cpu preset (since this revision): rectangular windows (scales x aspect_ratios (0.67, 1, 1.5),
 anisotropic resizing), training windows drawn from the test-time grid with anchor-style labels
 (train_windows "grid": IoU >= 0.6 or an object's best window positive, < 0.45 background),

@@ -33,8 +33,12 @@ Presets:
   paper: VOC 2007 trainval/test, selective search quality mode (2000 proposals), VGG16 on
          224 x 224 regions with 16 px context, bfloat16; SGD lr 1e-3 (the paper's fine-tuning
          rate), batch 128 regions (32 fg / 96 bg); SVM C = 1e-3, positive weight 2; ridge
-         lambda 1000. The backbone's ImageNet weights come from torchvision's vgg16 file via
-         jaxdet.models.torch_weights (not loaded automatically here).
+         lambda 1000. The backbone starts from ImageNet: torchvision's vgg16 weights
+         (`--config.model.pretrained=/path/vgg16.pth|.npz`, jaxdet.models.torch_weights;
+         the paper's VGG16 "O-Net" row, table 3; its AlexNet "T-Net" with
+         --config.model.backbone=alexnet --config.model.input_size=223, the smallest input
+         that gives AlexNet's 6 x 6 pool5, torchvision's AlexNet standing in for CaffeNet:
+         64 conv1 filters instead of 96, no LRN, no grouped convolutions).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def get_config(preset: str = "cpu"):
       "backbone_kw": config.pretrain.model.backbone_kw.to_dict() if cpu else {},
       "input_size": 32 if cpu else 224,
       "context": 2 if cpu else 16,
+      "pretrained": "",   # paper: a local torchvision vgg16 weights file (ImageNet)
       "init_from": "",
       "fg_iou": 0.5,
       "batch_rois": 128,

@@ -5,7 +5,20 @@ r"""Detection by classifying sliding windows (the brute-force baseline), VOC07 m
 A window classifier (C classes + background) trained on windows sampled from the images, run
 densely at several scales with its fc layers as convolutions; each window is a detection of
 its own box; per-class NMS. Presets: cpu (tiny net, 32 px windows, synthetic shapes), paper
-(OverFeat-fast windows on VOC 2007).
+(AlexNet windows on VOC 2007).
+
+paper preset (windows.py and overfeat.py): VOC 2007, images rescaled to shorter side 480
+(longer <= 800), 223 px windows (the smallest input at which AlexNet's fc6 reads 6 x 6 pool5
+cells; jaxdet.models.overfeat.network_geometry) 32 px apart at 5 scales, bfloat16. The start
+is ImageNet: OverFeat's own fast network has no public weights, so torchvision's AlexNet
+stands in (`--config.model.pretrained=/path/alexnet.pth|.npz`, jaxdet.models.torch_weights).
+It departs from OverFeat-fast in its first layers (11 x 11 / 4 conv with padding 2 and 64
+filters, 3 x 3 / 2 overlapping pools, instead of valid convolutions with 96 filters and 2 x 2
+pools; 256 conv5 filters instead of 1024; fc6 4096 instead of 3072). OverFeat-fast itself:
+`--config.model.backbone=overfeat_fast --config.model.init_from=<classify.py:paper run>` (231
+px windows).
+    python -m experiments.train --config experiments/configs/windows.py:paper --workdir W \
+        --config.model.pretrained=/path/alexnet.npz
 
 cpu preset (since this revision): rectangular windows, scales (1.5, 1.0, 0.7, 0.5) x
 aspect_ratios (0.67, 1, 1.5) (anisotropic resizing: the best window has IoU >= 0.7 with 78% of
@@ -78,10 +91,14 @@ def model_config(preset: str) -> dict:
         "init_from": "",   # a finished classify run (same backbone): conv + fc start from it
     }
   return {
-      "backbone": "overfeat_fast",
+      # torchvision's AlexNet stands in for OverFeat-fast, whose ImageNet weights were never
+      # published (see the module docstring)
+      "backbone": "alexnet",
       "backbone_kw": {},
+      "pretrained": "",   # a local torchvision alexnet weights file (.pth / .npz)
       "num_windows": 32,
-      "scales": (0.4, 0.55, 0.75, 1.0, 1.4),
+      # shorter sides 240..672 px of a 480 px image: every scale keeps it above the window
+      "scales": (0.5, 0.7, 1.0, 1.4),
       "aspect_ratios": (1.0,),
       "jitter": 0.2,
       "pos_iou": 0.5, "neg_iou": 0.3, "soft_labels": False,
@@ -109,9 +126,10 @@ def window_config(preset: str, system: str):
     config.optimizer.weight_decay = 1e-4
     config.optimizer.schedule = "cosine"
   else:
-    config.data.resize.mode = "min_size"
+    config.data.resize.mode = "shorter_side"   # the window scales then rescale each image
     config.data.resize.min_sizes = (480,)
     config.data.resize.max_size = 800
+    config.data.group_by_aspect = True         # no 800 x 800 batches of 480 x 800 images
     config.optimizer.learning_rate = 0.01
     config.optimizer.decay_steps = (30_000,)
   return config

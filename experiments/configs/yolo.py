@@ -66,9 +66,19 @@ Presets:
          same with dropout 0.5 and scale/translate 0.2: 0.075 (176 s); 96 x 96, S = 6, 1500
          steps: 0.061 (173 s).
   paper: the paper's network (24 conv + 2 fc, 448 x 448, S = 7, B = 2, C = 20) on VOC 2007,
-         bfloat16. The paper pretrained the first 20 conv layers on ImageNet at 224 and
-         trained ~135 epochs on VOC 2007+2012 with batch 64; this preset trains from scratch on
-         VOC 2007 trainval.
+         bfloat16: its first 20 conv layers are the "yolo20" backbone
+         (jaxdet.models.backbones.yolo20), pretrained on ImageNet at 224 as in the paper by
+         the classify system, then loaded with model.init_from:
+           python -m experiments.train --config experiments/configs/classify.py:paper \
+               --workdir /tmp/y20 --config.model.backbone=yolo20 --config.model.input_size=224
+           python -m experiments.train --config experiments/configs/yolo.py:paper \
+               --workdir /tmp/yolo_voc --config.model.init_from=/tmp/y20
+         No public weights exist for these 20 layers (darknet's are in its own format). The
+         documented alternative, the paper's "YOLO VGG-16" (table 1), starts from torchvision:
+           --config.model.backbone=vgg16 --config.model.pretrained=/path/vgg16.npz
+         (VGG16's conv5_3, a 2 x 2 max pool, then the paper's last 4 conv layers). The paper
+         trained ~135 epochs on VOC 2007+2012 with batch 64; this preset uses VOC 2007
+         trainval.
 
 Recipe of the paper preset (paper, section 2.2): SGD momentum 0.9, weight decay 5e-4; the
 learning rate rises linearly from 1e-3 to 1e-2 over the first epochs, then is divided by 10
@@ -88,6 +98,7 @@ def get_config(preset: str = "cpu"):
   config.system = "yolo"
   config.model = {
       "variant": "tiny" if cpu else "paper",
+      "backbone": "" if cpu else "yolo20",   # paper: the pretrainable first 20 conv layers
       "num_classes": 6 if cpu else 20,
       "grid_size": 8 if cpu else 7,
       "num_boxes": 2,
@@ -97,8 +108,10 @@ def get_config(preset: str = "cpu"):
       "batch_norm": cpu,
       # variant "tiny": the backbone of experiments/configs/classify.py:cpu (the same kw)
       "backbone_kw": {"stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128),
-                      "roi_size": 4, "dropout_rate": 0.3},
-      "init_from": "",                  # cpu: a finished classify cpu run (the lecture's backbone)
+                      "roi_size": 4, "dropout_rate": 0.3} if cpu else {},
+      "init_from": "",                  # a finished classify run of the backbone (cpu: the
+                                        # lecture's; paper: classify.py:paper, backbone yolo20)
+      "pretrained": "",                 # paper with backbone vgg16: torchvision weights file
       "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0,
                "lambda_class": 1.0},
       "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,

@@ -147,3 +147,37 @@ def collate(examples: Sequence[Mapping[str, Any]], max_boxes: int, *, policy: st
       batch["proposals"][i] = props
       batch["proposal_mask"][i] = np.asarray(ex.get("proposal_mask", np.ones(p, bool)), bool)
   return batch
+
+
+def aspect_grouped_order(order: np.ndarray, landscape: np.ndarray, batch_size: int
+                         ) -> np.ndarray:
+  """An epoch's example order rearranged so that batches are all-landscape or all-portrait.
+
+  Consecutive runs of `batch_size` in the result hold examples of one orientation, so every
+  such batch fits a landscape (S, M) or portrait (M, S) shape bucket, never the square (M, M)
+  one; the leftovers of both orientations (fewer than a batch each) come last, and only that
+  batch mixes them. Batches appear in the order of their first example in `order`, so a
+  shuffled `order` gives shuffled batches, and the result is a pure function of its inputs (a
+  Loader's (epoch, position) state keeps its meaning).
+
+  Args:
+    order: i[N] an epoch's order of example indices (a permutation of 0..N-1).
+    landscape: bool[N] per example index: True when its image is at least as wide as tall.
+    batch_size: B.
+  Returns:
+    i[N] the same indices, grouped.
+  """
+  order = np.asarray(order)
+  landscape = np.asarray(landscape, bool)
+  checks.check_positive("batch_size", batch_size)
+  if landscape.shape != (len(order),):
+    raise ValueError(f"landscape: expected one flag per example ({len(order)}), got shape "
+                     f"{landscape.shape}")
+  chunks, rest = [], []
+  for flag in (True, False):
+    idx = np.flatnonzero(landscape[order] == flag)          # positions in `order`
+    full = len(idx) // batch_size * batch_size
+    chunks += [idx[i:i + batch_size] for i in range(0, full, batch_size)]
+    rest.append(idx[full:])
+  chunks.sort(key=lambda c: c[0])
+  return order[np.concatenate(chunks + rest).astype(int)]

@@ -4,6 +4,7 @@ Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dic
 `default_data_config()`). Every key the data package reads:
 
   name:         "synthetic" | "synthetic_single" | "voc2007" | "voc2012" | "coco2017" |
+                "imagenet2012" (classification: one object per image, see tfds.decode_imagenet) |
                 "examples" (user examples passed to make_source / make_loader).
   data_dir:     tfds data folder for VOC/COCO ("": $TFDS_DATA_DIR or ~/tensorflow_datasets).
   num_train:    examples in the train split (synthetic: its size; tfds: the first n, 0 = all).
@@ -22,6 +23,11 @@ Data config (a Mapping: ml_collections ConfigDict in experiments, or a plain dic
   buckets:      list of (H, W) batch shapes (empty: derived from resize, see
                 transforms.default_buckets); each batch is zero padded to the smallest
                 bucket that fits all its images, so a jitted step compiles once per bucket.
+  group_by_aspect: batches all-landscape or all-portrait (batching.aspect_grouped_order;
+                training: within each shuffled epoch; evaluation: the examples in index
+                order, grouped), so that a shorter-side batch fits (S, M) or (M, S), not the
+                square (M, M) bucket; reads every example's image size once, at the first
+                batch.
   augment:      hflip: bool (p = 0.5); scale_translate: max fraction (YOLO: 0.2; 0 = off);
                 hsv: max exposure/saturation factor (YOLO: 1.5; 1 = off). Training only.
   prefetch:     batches prepared ahead by the background thread (0 = no thread).
@@ -50,7 +56,8 @@ import numpy as np
 from jaxdet import checks
 from jaxdet.data import batching, synthetic, transforms
 
-SOURCE_NAMES = ("synthetic", "synthetic_single", "voc2007", "voc2012", "coco2017", "examples")
+SOURCE_NAMES = ("synthetic", "synthetic_single", "voc2007", "voc2012", "coco2017", "imagenet2012",
+                "examples")
 
 
 def default_data_config(name: str = "synthetic") -> dict[str, Any]:
@@ -79,6 +86,7 @@ def default_data_config(name: str = "synthetic") -> dict[str, Any]:
       "resize": {"mode": "none", "min_sizes": (600,), "test_min_size": 0,
                  "max_size": 1000, "square_size": 448},
       "buckets": (),
+      "group_by_aspect": False,
       "augment": {"hflip": True, "scale_translate": 0.0, "hsv": 1.0},
       "prefetch": 2,
       "num_workers": 2,
@@ -368,7 +376,7 @@ def _dataset(data_config: Mapping[str, Any], split: str, *,
         max_objects=int(data_config.get("max_objects", 4)),
         seed=int(data_config.get("seed", 0)), split=split,
         single_object=(name == "synthetic_single"))
-  if name in ("voc2007", "voc2012", "coco2017"):
+  if name in ("voc2007", "voc2012", "coco2017", "imagenet2012"):
     from jaxdet.data import tfds as tfds_lib   # tfds itself is imported lazily in there
     return tfds_lib.TfdsDetection(name, split, data_dir=data_config.get("data_dir") or None,
                                   num_examples=int(num) if num else None)
@@ -493,7 +501,8 @@ class Loader:
                transform: Callable[[Mapping[str, Any], np.random.Generator], dict[str, Any]],
                buckets: Sequence[Sequence[int]], seed: int = 0, train: bool = True,
                box_policy: str = "error", prefetch: int = 2, num_workers: int = 1,
-               num_devices: int = 1, device_axis: bool = False):
+               num_devices: int = 1, device_axis: bool = False,
+               group_by_aspect: bool = False):
     checks.check_positive("batch_size", batch_size)
     checks.check_positive("num_devices", num_devices)
     if batch_size % num_devices:
@@ -513,6 +522,8 @@ class Loader:
     self._queue: queue.Queue | None = None
     self._stop: threading.Event | None = None
     self._perm_cache: tuple[int, np.ndarray] | None = None
+    self.group_by_aspect = bool(group_by_aspect)
+    self._landscape: np.ndarray | None = None   # per example, read once (group_by_aspect)
 
   # -- state
 
@@ -535,12 +546,23 @@ class Loader:
 
   def _order(self, epoch: int) -> np.ndarray:
     n = len(self.source)
-    if not self.train:
+    if not self.train and not self.group_by_aspect:
       return np.arange(n)
+    epoch = epoch if self.train else 0
     if self._perm_cache is None or self._perm_cache[0] != epoch:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+      perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.train
+              else np.arange(n))
+      if self.group_by_aspect:
+        perm = batching.aspect_grouped_order(perm, self._landscape_flags(), self.batch_size)
       self._perm_cache = (epoch, perm)
     return self._perm_cache[1]
+
+  def _landscape_flags(self) -> np.ndarray:
+    """bool[N]: each example's image at least as wide as tall (read once, then kept)."""
+    if self._landscape is None:
+      shapes = [np.shape(self.source[i]["image"])[:2] for i in range(len(self.source))]
+      self._landscape = np.asarray([w >= h for h, w in shapes], bool)
+    return self._landscape
 
   def _load(self, epoch: int, index: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, epoch, int(index)])
@@ -676,4 +698,5 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
                 seed=seed, train=train, box_policy=data_config.get("box_policy", "error"),
                 prefetch=int(data_config.get("prefetch", 2)),
                 num_workers=int(data_config.get("num_workers", 1)),
-                num_devices=num_devices, device_axis=device_axis)
+                num_devices=num_devices, device_axis=device_axis,
+                group_by_aspect=bool(data_config.get("group_by_aspect", False)))

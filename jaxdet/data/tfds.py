@@ -52,6 +52,10 @@ COCO_CLASS_NAMES = (
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
 
+# ImageNet (ILSVRC 2012): tfds's label i is the i-th WordNet id in sorted order; the names are
+# the label indices (the synset names live in the prepared dataset's info).
+IMAGENET_CLASS_NAMES = tuple(f"imagenet_{i}" for i in range(1000))
+
 # COCO's category id of each of the 80 labels (label i <-> COCO_CATEGORY_IDS[i]), for results
 # written in COCO's json format.
 COCO_CATEGORY_IDS = (tuple(range(1, 12)) + tuple(range(13, 26)) + (27, 28)
@@ -66,7 +70,27 @@ DATASETS = {
                 {"train": "train", "test": "validation"}),
     "coco2017": ("coco/2017", "1.1.0", COCO_CLASS_NAMES,
                  {"train": "train", "test": "validation"}),
+    "imagenet2012": ("imagenet2012", "5.1.0", IMAGENET_CLASS_NAMES,
+                     {"train": "train", "test": "validation"}),
 }
+
+
+def decode_imagenet(example: Mapping[str, Any], index: int) -> dict[str, Any]:
+  """A tfds imagenet2012 example -> our example dict with one object: the image's central
+  square (side = the shorter side), labelled with the image's class. The classify system's
+  square crop around that box, jittered in size and position, is then the usual random crop
+  of classification training (and the central crop at evaluation)."""
+  image = np.asarray(example["image"])
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  h, w = image.shape[:2]
+  s = min(h, w)
+  x0, y0 = (w - s) / 2.0, (h - s) / 2.0
+  return {"image": image,
+          "boxes": np.float32([[x0, y0, x0 + s, y0 + s]]),
+          "labels": np.int32([int(example["label"])]),
+          "difficult": np.zeros(1, bool),
+          "image_id": int(index)}
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -163,6 +187,12 @@ def ground_truth_voc(example: Mapping[str, Any], index: int) -> dict[str, Any]:
   return {k: ex[k] for k in ("boxes", "labels", "difficult", "image_id")}
 
 
+def ground_truth_imagenet(example: Mapping[str, Any], index: int) -> dict[str, Any]:
+  """An imagenet2012 example's ground truth: its one object (decode_imagenet), original pixels."""
+  ex = decode_imagenet(example, index)
+  return {k: ex[k] for k in ("boxes", "labels", "image_id")}
+
+
 def _prepare_message(tfds_name: str, version: str, data_dir: str) -> str:
   return (
       f"tfds dataset {tfds_name}:{version} is not prepared in array_record format under "
@@ -198,7 +228,7 @@ def info_num_classes(source: Any) -> int | None:
 
 
 class TfdsDetection:
-  """Random-access VOC/COCO source: `ds[i]` -> decoded example (see the module docstring).
+  """Random-access VOC/COCO/ImageNet source: `ds[i]` -> decoded example (see the module docstring).
 
   Args:
     name: "voc2007", "voc2012" or "coco2017".
@@ -216,8 +246,11 @@ class TfdsDetection:
     self.name = name
     self.num_classes = len(self.class_names)
     self.split = splits.get(split, split)
-    self._decode = decode_coco if name.startswith("coco") else decode_voc
-    self._ground_truth = ground_truth_coco if name.startswith("coco") else ground_truth_voc
+    self._decode = (decode_coco if name.startswith("coco") else
+                    decode_imagenet if name.startswith("imagenet") else decode_voc)
+    self._ground_truth = (ground_truth_coco if name.startswith("coco") else
+                          ground_truth_imagenet if name.startswith("imagenet") else
+                          ground_truth_voc)
     self._source = open_data_source(tfds_name, version, self.split, data_dir)
     in_info = info_num_classes(self._source)
     if in_info is not None and in_info != self.num_classes:

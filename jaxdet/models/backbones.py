@@ -407,6 +407,55 @@ class ResNetHead(nn.Module):
     return global_avg_pool(x)
 
 
+# ----------------------------------------------------------------------------- YOLO's 20 layers
+
+# YOLO v1 (Redmon et al. 2016, figure 3): the 20 conv layers pretrained on ImageNet (with an
+# average pool and one fc layer), 448 -> 14 x 14 x 1024 (stride 32). (kernel, features, stride)
+# or "M" (2 x 2 max pool); the detector adds 4 conv layers and 2 fc layers (jaxdet.models.yolo).
+YOLO20_LAYERS = (
+    (7, 64, 2), "M",
+    (3, 192, 1), "M",
+    (1, 128, 1), (3, 256, 1), (1, 256, 1), (3, 512, 1), "M",
+    *((1, 256, 1), (3, 512, 1)) * 4, (1, 512, 1), (3, 1024, 1), "M",
+    *((1, 512, 1), (3, 1024, 1)) * 2,
+)
+
+
+class DarknetConv(nn.Module):
+  """YOLO v1's conv layers: SAME-padded convolutions + leaky ReLU (0.1), 2 x 2 max pools.
+
+  Layers are named conv1, conv2, ... Attributes: layers ((kernel, features, stride) or "M");
+  dtype.
+  """
+  layers: Sequence[Any] = YOLO20_LAYERS
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """f[B, H, W, 3] -> f[B, H / 32, W / 32, 1024] (the 20 layers)."""
+    _check_images("x", x)
+    i = 0
+    for spec in self.layers:
+      if spec == "M":
+        x = max_pool(x, 2, 2)
+        continue
+      k, features, stride = spec
+      i += 1
+      x = nn.Conv(features, (k, k), (stride, stride), padding="SAME", dtype=self.dtype,
+                  name=f"conv{i}")(x)
+      x = nn.leaky_relu(x, 0.1)
+    return x
+
+
+class GlobalAvgPool(nn.Module):
+  """The fc part of YOLO's pretraining network: an average pool over the whole map (no
+  parameters): f[N, h, w, C] -> f[N, C]."""
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    return global_avg_pool(x)
+
+
 # ----------------------------------------------------------------------------- parts, registry
 
 
@@ -499,6 +548,20 @@ def resnet50(*, dtype: Dtype = jnp.float32, blocks: Sequence[int] = (3, 4, 6, 3)
       pool5=None, dense_fc=False)
 
 
+def yolo20(*, dtype: Dtype = jnp.float32, layers: Sequence[Any] = YOLO20_LAYERS
+           ) -> BackboneParts:
+  """YOLO v1's 20 pretrained conv layers (stride 32, 1024 channels); as a classifier (the
+  paper's ImageNet pretraining at 224): conv -> global average pool -> linear. No
+  torchvision weights exist: pretrain it with the classify system (experiments/configs/
+  classify.py, backbone "yolo20")."""
+  layers = tuple(tuple(s) if s != "M" else s for s in layers)
+  stride = math.prod(2 if s == "M" else s[2] for s in layers)
+  width = [s for s in layers if s != "M"][-1][1]
+  return BackboneParts(conv=DarknetConv(layers, dtype=dtype), fc=GlobalAvgPool(),
+                       stride=stride, out_channels=width, roi_size=7, fc_dim=width,
+                       pool5=None, dense_fc=False)
+
+
 BACKBONES: dict[str, Callable[..., BackboneParts]] = {
     "tiny": tiny,
     "alexnet": alexnet,
@@ -506,6 +569,7 @@ BACKBONES: dict[str, Callable[..., BackboneParts]] = {
     "zf": zf,
     "vgg16": vgg16,
     "resnet50": resnet50,
+    "yolo20": yolo20,
 }
 
 

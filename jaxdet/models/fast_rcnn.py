@@ -52,6 +52,7 @@ from jaxdet.ops import matching, sampling
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.roi_pool import roi_pool
 from jaxdet.system import System
+from jaxdet.train import init_from as init_from_lib
 
 Array = jax.Array
 
@@ -360,20 +361,12 @@ def make_initializer(net: nn.Module, dtype: Any) -> Callable[[jax.Array, jax.Arr
 def load_backbone_weights(variables: dict, cfg: Mapping[str, Any]) -> dict:
   """Replaces the "conv" and "fc" params (and the backbone's other collections, e.g. ResNet's
   batch_stats) by those of cfg["pretrained"] (a local torchvision state dict) and/or of the
-  finished classification run cfg["init_from"]; either may be empty."""
-  if cfg.get("pretrained"):
-    from jaxdet.models import torch_weights
-    loaded = torch_weights.load_torchvision_weights(cfg["backbone"], cfg["pretrained"],
-                                                    **dict(cfg["backbone_kw"]))
-    params = {**variables["params"], "conv": loaded["params"]["conv"],
-              "fc": loaded["params"]["fc"]}
-    variables = {**variables, **{k: v for k, v in loaded.items() if k != "params"},
-                 "params": params}
-  if cfg.get("init_from"):
-    from jaxdet.train import init_from
-    variables = {**variables,
-                 "params": init_from.load_into(variables["params"], str(cfg["init_from"]))}
-  return variables
+  finished classification run cfg["init_from"]; either may be empty
+  (jaxdet.train.init_from.start_backbone)."""
+  from jaxdet.train import init_from
+  return init_from.start_backbone(variables, backbone=cfg["backbone"],
+                                  backbone_kw=cfg["backbone_kw"], pretrained=cfg["pretrained"],
+                                  init_from=cfg["init_from"])
 
 
 def build_system(config: Any) -> System:
@@ -494,6 +487,8 @@ def build_system(config: Any) -> System:
   def svd(variables, ranks=None):
     return truncated_svd(variables, cfg["svd_ranks"] if ranks is None else ranks)
 
+  init_from_lib.check_frozen_loaded(cfg["frozen"], pretrained=cfg["pretrained"],
+                                    init_from=cfg["init_from"])
   return System(name="fast_rcnn", num_classes=c, init=init, loss=loss, predict=predict,
                 extras={"network": net, "backbone": parts, "model_config": cfg,
                         "sample_rois": sampler, "proposals": get_proposals,

@@ -47,6 +47,7 @@ from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
+from jaxdet.train import init_from as init_from_lib
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -343,6 +344,8 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
     props = propose(variables, features, batch["image_size"])
     return detect(variables, features, props, batch["image_size"])
 
+  init_from_lib.check_frozen_loaded(cfg["frozen"], pretrained=cfg["pretrained"],
+                                    init_from=cfg["init_from"])
   return System(name="faster_rcnn", num_classes=c, init=init, loss=loss, predict=predict,
                 extras={"network": net, "backbone": parts, "model_config": cfg,
                         "anchors": anchors_of, "proposals": proposals, "conv": conv,

@@ -34,6 +34,7 @@ from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
 from jaxdet.ops.boxes import clip_boxes
 from jaxdet.system import System
+from jaxdet.train import init_from
 
 Array = jax.Array
 
@@ -260,6 +261,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "box_fc_features": (256,),  # the conv-attached head's own fc layers
     "detach_box": False,       # box loss trains the box layers only (stop_gradient before them)
     "box_weight": 10.0,        # coordinates are fractions of the image: squared errors ~ 0.01
+    "pretrained": "",          # a local torchvision weights file of the backbone (ImageNet)
+    "init_from": "",           # a finished classify run's workdir (same backbone): conv + fc
 }
 
 
@@ -283,9 +286,14 @@ def build_system(config: Any) -> System:
   mutable = ["batch_stats"] if has_bn else False
 
   @jax.jit
-  def init(rng, batch):
+  def fresh(rng, batch):
     x = backbones.normalize_images(batch["image"], dtype)
     return dict(net.init({"params": rng}, x, train=False))
+
+  def init(rng, batch):   # conv + fc from ImageNet weights or a classify run, as the papers
+    return init_from.start_backbone(fresh(rng, batch), backbone=m["backbone"],
+                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
+                                    init_from=m["init_from"])
 
   def targets_of(batch):
     return jax.vmap(lambda b, l, mk, s: slot_targets(b, l, mk, s, num_slots=k,

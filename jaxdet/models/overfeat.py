@@ -122,17 +122,46 @@ def to_conv_params(params: Mapping[str, Any], *, roi_size: int) -> dict[str, Any
   return out
 
 
+def _fc_input_size(parts: backbones.BackboneParts, size: int) -> int:
+  """Height of the fc part's input (conv, then pool5) for a size x size image (shapes only)."""
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  f = jax.eval_shape(lambda x: parts.conv.init_with_output(jax.random.PRNGKey(0), x)[0], x)
+  h = f.shape[1]
+  if parts.pool5 is not None:
+    w, s, p = parts.pool5
+    h = (h + 2 * p - w) // s + 1
+  return h
+
+
 def network_geometry(parts: backbones.BackboneParts) -> tuple[int, int]:
   """(window, step) in pixels: the training input size and the dense output stride.
 
-  Without pool5 the fc part reads roi_size x roi_size conv cells: window = roi_size * stride.
-  With pool5 (window w, stride s, padding p) it reads roi_size pooled cells:
-  window = stride * ((roi_size - 1) * s + w - 2 p), step = stride * s.
+  The window is the input size at which the fc part reads exactly roi_size x roi_size cells
+  (checked by tracing the conv part's shapes): roi_size * stride without pool5 when that fits
+  (same-padded nets: tiny, VGG16), otherwise the smallest size that gives roi_size (valid or
+  partly padded convolutions: OverFeat-fast 231, torchvision AlexNet 223). The step is
+  stride * pool5 stride.
   """
+  step = parts.stride * (parts.pool5[1] if parts.pool5 is not None else 1)
   if parts.pool5 is None:
-    return parts.roi_size * parts.stride, parts.stride
-  w, s, p = parts.pool5
-  return parts.stride * ((parts.roi_size - 1) * s + w - 2 * p), parts.stride * s
+    guess = parts.roi_size * parts.stride
+  else:
+    w, s, p = parts.pool5
+    guess = parts.stride * ((parts.roi_size - 1) * s + w - 2 * p)
+  r = parts.roi_size
+  if _fc_input_size(parts, guess) == r:
+    return guess, step
+  lo, hi = 1, max(2 * guess, 64)
+  while _fc_input_size(parts, hi) < r:
+    hi *= 2
+  while lo < hi:   # the smallest size whose fc input is >= roi_size (monotone in size)
+    mid = (lo + hi) // 2
+    try:
+      ok = _fc_input_size(parts, mid) >= r
+    except Exception:   # too small for a valid convolution or pool
+      ok = False
+    lo, hi = (lo, mid) if ok else (mid + 1, hi)
+  return lo, step
 
 
 # ----------------------------------------------------------------------------- box coding
@@ -591,6 +620,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "post_process": "merge",       # overfeat: "merge" (the paper's) | "nms" (per-class NMS of
                                    # the regressed boxes at iou_threshold)
     "max_detections": 50,
+    "pretrained": "",              # a local torchvision weights file of the backbone (ImageNet)
     "init_from": "",               # a finished classify run's workdir: conv + fc start from its
                                    # latest checkpoint (jaxdet.train.init_from); "" = scratch
 }
@@ -638,9 +668,10 @@ def build(config: Any, *, mode: str) -> System:
   def init(rng, batch):
     del batch
     variables = fresh(rng)
-    if m["init_from"]:   # the lecture's recipe: a classification network, then fine-tuning
-      variables["params"] = init_from.load_into(variables["params"], str(m["init_from"]))
-    return variables
+    # the papers' and the lecture's recipe: a classification network, then fine-tuning
+    return init_from.start_backbone(variables, backbone=m["backbone"],
+                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
+                                    init_from=m["init_from"])
 
   def loss(variables, batch, rng):
     grid = None

@@ -64,6 +64,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "batch_rois": 128,           # fine-tuning regions per minibatch
     "fg_fraction": 0.25,         # 32 of 128
     "chunk": 256,                # regions per CNN call at test / feature extraction
+    "pretrained": "",            # a local torchvision weights file of the backbone (ImageNet)
     "init_from": "",             # a finished classify run's workdir: start conv + fc from its
                                  # latest checkpoint (jaxdet.train.init_from); "" = from scratch
     "svm": {"C": 1e-3, "pos_weight": 2.0, "bias_mult": 10.0, "neg_iou": 0.3,
@@ -479,9 +480,9 @@ def build_system(config: Any) -> System:
   def init(rng, batch):
     x = jnp.zeros((1, s, s, 3), dtype)
     params = net.init({"params": rng}, x, train=False)["params"]
-    if m["init_from"]:
-      params = init_from.load_into(params, str(m["init_from"]))
-    return {"params": params}
+    return init_from.start_backbone({"params": params}, backbone=m["backbone"],
+                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
+                                    init_from=m["init_from"])
 
   def loss(variables, batch, rng):
     _check_batch(batch)

@@ -87,6 +87,23 @@ VARIANTS = {
 # Variants whose conv layers follow a pretrainable backbone (a key of backbones.BACKBONES,
 # built with config.model.backbone_kw); conv_flops counts the variant's own layers only.
 VARIANT_BACKBONES = {"tiny": "tiny"}
+# Variant "paper" on a backbone (config.model.backbone): the backbone's conv part replaces the
+# first 20 layers, max pools bring it to stride 32, then the paper's last 4 conv layers. With
+# "yolo20" (backbones.yolo20: the paper's own 20 layers, pretrained by a classify run) this is
+# exactly the paper's network; "vgg16" (torchvision ImageNet weights via model.pretrained) is
+# the paper's "YOLO VGG-16" (section 4.1, table 1).
+PAPER_HEAD_LAYERS = PAPER_LAYERS[-4:]
+assert PAPER_LAYERS[:-4] == backbones.YOLO20_LAYERS
+
+
+def backbone_layers(variant: str, stride: int) -> tuple[LayerSpec, ...]:
+  """The variant's own conv layers after a backbone of `stride` (see PAPER_HEAD_LAYERS)."""
+  if variant != "paper":
+    return VARIANTS[variant][0]
+  if stride > 32 or 32 % stride:
+    raise ValueError(f"config.model.backbone: variant 'paper' needs a backbone of stride "
+                     f"dividing 32, got stride {stride}")
+  return ("M",) * ((32 // stride).bit_length() - 1) + PAPER_HEAD_LAYERS
 
 
 def _check_layers(layers: Sequence[LayerSpec]) -> None:
@@ -313,7 +330,10 @@ MODEL_DEFAULTS = {
     "dropout_rate": 0.5,
     "head": "fc",              # "fc" (the paper) or "conv" (the fc layers per cell, shared)
     "batch_norm": False,       # not in the paper (after the variant's own conv layers)
+    "backbone": "",            # "" = the variant's (tiny: "tiny"; paper, small: none, all
+                               # layers its own); paper: "yolo20" or "vgg16" (PAPER_HEAD_LAYERS)
     "backbone_kw": TINY_BACKBONE_KW,   # variant "tiny": get_backbone("tiny", **backbone_kw)
+    "pretrained": "",          # a local torchvision weights file of the backbone (vgg16)
     "init_from": "",           # variant "tiny": a finished classify run's workdir whose "conv"
                                # starts the backbone (jaxdet.train.init_from); "" = scratch
     "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0, "lambda_class": 1.0},
@@ -344,14 +364,19 @@ def make_network(model_cfg: Any, dtype: Any = jnp.float32) -> YOLONet:
     raise ValueError(f"config.model.head: expected 'fc' or 'conv', got {m['head']!r}")
   layers, fc_dim, _ = VARIANTS[m["variant"]]
   _check_layers(layers)
-  backbone = VARIANT_BACKBONES.get(m["variant"])
-  if m["init_from"] and backbone is None:
+  backbone = m["backbone"] or VARIANT_BACKBONES.get(m["variant"])
+  if m["backbone"] and m["variant"] not in ("paper",) + tuple(VARIANT_BACKBONES):
+    raise ValueError(f"config.model.backbone: variant {m['variant']!r} takes no backbone; "
+                     f"use variant 'paper' (or 'tiny')")
+  if (m["init_from"] or m["pretrained"]) and backbone is None:
     raise ValueError(f"config.model.init_from: variant {m['variant']!r} has no pretrainable "
-                     f"backbone; use one of {sorted(VARIANT_BACKBONES)}")
+                     f"backbone; use one of {sorted(VARIANT_BACKBONES)}, or variant 'paper' "
+                     f"with config.model.backbone 'yolo20' or 'vgg16'")
   conv = None
   if backbone is not None:
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(m["backbone_kw"]).items()}
-    conv = backbones.get_backbone(backbone, dtype=jnp.dtype(dtype), **kw).conv
+    parts = backbones.get_backbone(backbone, dtype=jnp.dtype(dtype), **kw)
+    conv, layers = parts.conv, backbone_layers(m["variant"], parts.stride)
   return YOLONet(num_classes=m["num_classes"], grid_size=m["grid_size"],
                  num_boxes=m["num_boxes"], layers=layers, fc_dim=m["fc_dim"] or fc_dim,
                  dropout_rate=m["dropout_rate"], batch_norm=m["batch_norm"], conv=conv,
@@ -386,12 +411,11 @@ def build_system(config: Any) -> System:
   def fresh(rng, images):   # jitted: one compilation instead of one per op
     return dict(net.init({"params": rng}, normalize_images(images, dtype), train=False))
 
-  def init(rng, batch):
-    variables = fresh(rng, batch["image"])
-    if m["init_from"]:   # the paper's recipe: conv layers pretrained for classification
-      variables["params"] = init_from.load_into(variables["params"], str(m["init_from"]),
-                                                keys=("conv",))
-    return variables
+  def init(rng, batch):   # the paper's recipe: conv layers pretrained for classification
+    backbone = m["backbone"] or VARIANT_BACKBONES.get(m["variant"], "")
+    return init_from.start_backbone(fresh(rng, batch["image"]), backbone=backbone,
+                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
+                                    init_from=m["init_from"], keys=("conv",))
 
   def loss(variables, batch, rng):
     x = normalize_images(batch["image"], dtype)

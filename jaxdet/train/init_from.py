@@ -110,3 +110,57 @@ def load_into(params: Any, workdir: str, keys: Sequence[str] = DEFAULT_KEYS) -> 
   name = (f"run {workdir} (system {meta.get('system')!r}, model "
           f"{meta.get('model')})")
   return copy_subtrees(params, source, keys, source_name=name)
+
+
+def start_backbone(variables: Any, *, backbone: str, backbone_kw: Any = None,
+                   pretrained: str = "", init_from: str = "",
+                   keys: Sequence[str] = DEFAULT_KEYS, where: str = "config.model"
+                   ) -> dict[str, Any]:
+  """A network's fresh `variables` with its backbone sub-trees `keys` taken from ImageNet
+  weights and/or a finished classify run, as every paper in jaxdet starts.
+
+  Args:
+    variables: {"params": {...}, ...} the network's fresh variables; its backbone lives under
+      `keys` (the classification network's names: "conv", "fc").
+    backbone, backbone_kw: the config's backbone (a key of jaxdet.models.backbones.BACKBONES).
+    pretrained: a local torchvision state dict (`.pth` with torch, or `.npz`) of `backbone`
+      (alexnet, vgg16 or resnet50; jaxdet.models.torch_weights); "" = none. The file's other
+      collections (ResNet's batch_stats) replace the network's.
+    init_from: a finished classify run's workdir (its latest checkpoint); "" = none. Applied
+      after `pretrained` (so a run fine-tuned from ImageNet weights wins).
+    keys: the sub-trees to copy.
+    where: how errors name the config section.
+  Returns:
+    the variables (a new dict; unchanged when both sources are empty).
+  Raises:
+    ValueError: `pretrained` for a backbone without torchvision weights; any structure or shape
+      mismatch (naming the parameter); FileNotFoundError: a missing file or run.
+  """
+  variables = dict(variables)
+  if pretrained:
+    from jaxdet.models import torch_weights
+    if backbone not in torch_weights.TORCHVISION_ARCHS:
+      raise ValueError(f"{where}.pretrained: torchvision weights exist for the backbones "
+                       f"{torch_weights.TORCHVISION_ARCHS}, this config's backbone is "
+                       f"{backbone!r}; start it from a classify run ({where}.init_from) instead")
+    loaded = torch_weights.load_torchvision_weights(backbone, str(pretrained),
+                                                    **dict(backbone_kw or {}))
+    variables.update({k: v for k, v in loaded.items() if k != "params"})
+    variables["params"] = copy_subtrees(variables["params"], loaded["params"], keys,
+                                        source_name=f"{where}.pretrained {str(pretrained)!r}")
+  if init_from:
+    variables["params"] = load_into(variables["params"], str(init_from), keys)
+  return variables
+
+
+def check_frozen_loaded(frozen: Sequence[str], *, pretrained: str = "", init_from: str = "",
+                        where: str = "config.model") -> None:
+  """Layers kept frozen must have been loaded from somewhere: freezing randomly initialised
+  layers (no `pretrained` file and no `init_from` run) is an error that says so."""
+  frozen = tuple(frozen or ())
+  if frozen and not pretrained and not init_from:
+    raise ValueError(
+        f"{where}.frozen: {list(frozen)} would stay at their random initialisation: no weights "
+        f"are loaded ({where}.pretrained and {where}.init_from are empty). Give "
+        f"{where}.pretrained=/path/to/torchvision_weights.pth|.npz (or init_from=<classify "
+        f"run>), or train every layer with {where}.frozen=()")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdet.models import fast_rcnn
-from jaxdet.train import optim, state as state_lib, step as step_lib
+from jaxdet.train import init_from, optim, state as state_lib, step as step_lib
 
 C = 3
 STDS = (0.1, 0.1, 0.2, 0.2)
@@ -138,8 +138,11 @@ def test_one_train_step_degenerate_inputs_frozen_layers_and_loss_swap(rng, tmp_p
   batch["box_mask"] = batch["box_mask"].at[0].set(False)
   batch["proposals"] = batch["proposals"].at[1, :3].set(
       jnp.asarray([[5, 5, 5, 5], [70, 70, 90, 90], [30, 10, 20, 40]], jnp.float32))
-  config = _config(frozen=("conv1",), loss={"box_loss": "myfrcn.losses:half_l2",
-                                            "box_weight": 1.0})
+  # Frozen layers must be loaded from somewhere: a stand-in classify run's conv + fc.
+  source = fast_rcnn.build_system(_config()).init(jax.random.key(5), batch)["params"]
+  monkeypatch.setattr(init_from, "read_params", lambda workdir, step=None: (source, {}))
+  config = _config(frozen=("conv1",), init_from="RUN",
+                   loss={"box_loss": "myfrcn.losses:half_l2", "box_weight": 1.0})
   system, _, st, new, metrics = _one_step(config, batch)
   import myfrcn.losses
   assert myfrcn.losses.CALLS, "the configured box loss was not used"
@@ -159,7 +162,7 @@ def test_one_train_step_degenerate_inputs_frozen_layers_and_loss_swap(rng, tmp_p
       jax.random.key(1), st.step))
   np.testing.assert_allclose(float(m2["loss/box"]), float(metrics["loss/box"]), rtol=1e-5)
   with pytest.raises(ValueError, match="unknown conv layers"):
-    fast_rcnn.build_system(_config(frozen=("conv9",))).param_labels(st.params)
+    fast_rcnn.build_system(_config(frozen=("conv9",), init_from="RUN")).param_labels(st.params)
   with pytest.raises(ValueError, match="unknown name"):
     fast_rcnn.build_system(_config(loss={"box_loss": "huber"}))
   with pytest.raises(ValueError, match="unknown keys"):

@@ -27,9 +27,26 @@ def nets():
 
 def test_geometry():
   assert overfeat.network_geometry(backbones.get_backbone("tiny", **KW)) == (24, 8)
-  # AlexNet: conv stride 16 (4 * 2 * 2) then pool5 3x3/2 on 6x6 -> 16 * (5 * 2 + 3) = 208.
-  parts = backbones.get_backbone("alexnet")
-  assert overfeat.network_geometry(parts) == (16 * (5 * 2 + 3), 32)
+  # OverFeat-fast (Sermanet et al. 2014, table 1): 231 x 231 inputs, pool5 6 x 6, step 32.
+  assert overfeat.network_geometry(backbones.get_backbone("overfeat_fast")) == (231, 32)
+
+
+@pytest.mark.parametrize("name,smallest", [("alexnet", True), ("overfeat_fast", True),
+                                          ("zf", False), ("vgg16", False)])
+def test_geometry_window_is_an_input_the_network_runs_at(name, smallest):
+  """The dense network (Dense fc6 on exactly roi x roi cells) traces at the window size; for
+  AlexNet and OverFeat-fast (whose first convolutions are not size-preserving) it is the
+  smallest such size, so one pixel less fails."""
+  parts = backbones.get_backbone(name)
+  window, _ = overfeat.network_geometry(parts)
+  net = overfeat.make_network(parts, C, C)
+  shape = lambda n: jax.eval_shape(net.init, jax.random.PRNGKey(0),
+                                   jax.ShapeDtypeStruct((1, n, n, 3), jnp.float32))
+  logits = shape(window)["params"]["cls_head"]["kernel"]
+  assert logits.shape[1] == C + 1
+  if smallest:
+    with pytest.raises(Exception):
+      shape(window - 1)
 
 
 def test_conv_form_equals_dense_form_at_window_size(nets, rng):

@@ -213,11 +213,15 @@ def test_errors():
 
 def test_config_presets_build():
   from experiments.configs import yolo as yolo_config
-  for preset, classes, variant in [("cpu", 6, "tiny"), ("paper", 20, "paper")]:
+  for preset, classes, layers in [("cpu", 6, yolo.VARIANTS["tiny"][0]),
+                                  ("paper", 20, yolo.PAPER_HEAD_LAYERS)]:
     config = yolo_config.get_config(preset)
     system = yolo.build_system(config)
     assert system.name == "yolo" and system.num_classes == classes
-    assert system.extras["network"].layers == yolo.VARIANTS[variant][0]
+    assert system.extras["network"].layers == layers
+  # paper: the pretrainable 20 layers (backbone yolo20) + the last 4 = the paper's 24
+  net = yolo.build_system(yolo_config.get_config("paper")).extras["network"]
+  assert tuple(net.conv.layers) + tuple(net.layers) == yolo.PAPER_LAYERS
   assert yolo.build_system({"num_classes": 4, "model": {}}).num_classes == 4
 
 
