@@ -87,7 +87,8 @@ class Checkpoints:
            metrics: Mapping[str, float] | None = None) -> None:
     """Saves at step `state.step` (asynchronously; `wait()` blocks until written)."""
     ocp = self._ocp
-    tree = {"state": flax.serialization.to_state_dict(state), "rng": rng}
+    # the key as a host array: a process-local jax.Array cannot be saved by several processes
+    tree = {"state": flax.serialization.to_state_dict(state), "rng": np.asarray(rng)}
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"checkpoint.best_metric: {self.best_metric!r} is not among the eval "
                        f"metrics {sorted(metrics)}")
@@ -129,6 +130,8 @@ class Checkpoints:
     self.check_meta(step)
     template = {"state": flax.serialization.to_state_dict(state), "rng": rng}
     template = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    if jax.process_count() > 1:   # whole arrays, replicated over every process's devices
+      template = jax.tree_util.tree_map(_replicated_struct, template)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template), loader=ocp.args.JsonRestore()))
@@ -146,6 +149,12 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _replicated_struct(leaf: Any) -> jax.ShapeDtypeStruct:
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
 def _check_shapes(template: Any, tree: Any, step: int) -> None:
