@@ -4,8 +4,10 @@
         --workdir DIR [--config.key=value ...]
 
 DIR receives checkpoints/, metrics.jsonl, tensorboard/ and eval.json (the final scores).
-Multi-host: pass --multihost on every host (jax.distributed.initialize() picks up the
-cluster from the environment); the same code then trains over all hosts' devices.
+Several processes (hosts): pass --multihost to every process (jax.distributed.initialize()
+reads the cluster from SLURM / Open MPI / Kubernetes, or take --coordinator_address,
+--num_processes, --process_id); the same code then trains over all processes' devices.
+README.md, "Several devices and hosts", has the commands.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ def main(argv: list[str]) -> dict:
   if not flags.workdir:
     raise ValueError("--workdir: expected a directory for checkpoints and logs")
   import jax
-  if flags.multihost:
-    jax.distributed.initialize()
+  common.initialize_distributed(flags)
   if config.system == "rcnn":   # multi-stage training (SVMs, box regression), not one loss
     from experiments import rcnn_stages
     scores = rcnn_stages.train_and_evaluate(config, flags.workdir)

@@ -314,6 +314,9 @@ class Loader:
   every process walks the same global order with the same seed and loads only its part of
   each global batch, examples [index * b, (index + 1) * b) with b = batch_size / count; the
   parts of all processes, in process order, are the global batch one process would load.
+  Each part is padded to the shape bucket of its own images: where images of one batch can
+  fall into different buckets (several `buckets`, or resize sizes), give several processes
+  one bucket (data.buckets = [(H, W)]) so that every part has the same shape.
 
   State: `get_state()` -> {"epoch": int, "position": int, "seed": int} after the last batch
   returned, a position in the global order (the same on every process); `set_state(state)`
