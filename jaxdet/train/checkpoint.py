@@ -87,8 +87,11 @@ class Checkpoints:
            metrics: Mapping[str, float] | None = None) -> None:
     """Saves at step `state.step` (asynchronously; `wait()` blocks until written)."""
     ocp = self._ocp
-    # the key as a host array: a process-local jax.Array cannot be saved by several processes
-    tree = {"state": flax.serialization.to_state_dict(state), "rng": np.asarray(rng)}
+    # a raw u32 key as a host array: a process-local jax.Array cannot be saved by several
+    # processes (typed keys, jax.random.key, are saved as they are)
+    if not jax.dtypes.issubdtype(getattr(rng, "dtype", np.uint32), jax.dtypes.prng_key):
+      rng = np.asarray(rng)
+    tree = {"state": flax.serialization.to_state_dict(state), "rng": rng}
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"checkpoint.best_metric: {self.best_metric!r} is not among the eval "
                        f"metrics {sorted(metrics)}")
