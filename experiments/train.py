@@ -5,8 +5,10 @@
 
 DIR receives config.json (the resolved config), checkpoints/, metrics.jsonl, tensorboard/ and
 eval.json (the final scores).
-Multi-host: pass --multihost on every host (jax.distributed.initialize() picks up the
-cluster from the environment); the same code then trains over all hosts' devices.
+Several processes (hosts): pass --multihost to every process (jax.distributed.initialize()
+reads the cluster from SLURM / Open MPI / Kubernetes, or take --coordinator_address,
+--num_processes, --process_id); the same code then trains over all processes' devices.
+README.md, "Several devices and hosts", has the commands.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ def main(argv: list[str]) -> dict:
   if not flags.workdir:
     raise ValueError("--workdir: expected a directory for checkpoints and logs")
   import jax
-  if flags.multihost:
-    jax.distributed.initialize()
+  common.initialize_distributed(flags)
   if jax.process_index() == 0:   # what Detector.from_workdir / experiments.detect read
     from jaxdet.detector import save_config
     save_config(config, flags.workdir)

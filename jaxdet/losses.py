@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from jaxdet import checks
+from jaxdet import checks, global_batch
 from jaxdet.ops import boxes
 
 Array = jax.Array
@@ -504,7 +504,7 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
 
   labels = labels.astype(jnp.int32)
   fg = mask & (labels >= 1)                                                 # [R]
-  count = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+  count = global_batch.normaliser(jnp.sum(mask))   # global over the data axis
   cls = jnp.sum(softmax_cross_entropy(cls_logits, labels, mask)) / count
   cls_index = jnp.clip(labels - 1, 0, c1 - 2)                               # [R]
   pred = jnp.take_along_axis(box_deltas.astype(jnp.float32),
@@ -573,7 +573,7 @@ def rpn_loss(logits: Array, deltas: Array, targets: dict[str, Array], mask: Arra
   obj = jnp.where(mask, targets["objectness"].astype(jnp.float32), 0.0)   # [B, N]
   positive = mask & (obj > 0.5)                                           # [B, N]
   box = jnp.where(positive[..., None], targets["box"].astype(jnp.float32), 0.0)
-  count = jnp.maximum(jnp.sum(mask).astype(jnp.float32), 1.0)
+  count = global_batch.normaliser(jnp.sum(mask))   # global over the data axis
   cls = masked_sum(sigmoid_binary_cross_entropy(logits, obj, mask)) / count
   reg = masked_sum(smooth_l1(deltas, box, positive[..., None], beta=beta)) / count
   correct = (logits.astype(jnp.float32) > 0.0) == positive

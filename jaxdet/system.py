@@ -44,6 +44,17 @@ class System:
     loss: (variables, batch, rng) -> (loss f32[], metrics {name: f32[]}, new_model_state),
       in training mode; new_model_state holds the updated non-parameter collections
       (e.g. {"batch_stats": ...}) and is {} for models without any.
+      Global-batch contract: under data parallelism (jaxdet.train.parallel) the loss runs on
+      each device's slice of the global batch inside the axis "data", and train_step averages
+      its gradients over the devices; the update must equal that of one device at the whole
+      batch. So `rng` (the step's key) is the same on every device and per-example
+      randomness comes from `jaxdet.global_batch.example_keys(rng, local_batch)` (the
+      example's global index); every mean over a varying count (sampled RoIs, anchors, object
+      slots) divides by `jaxdet.global_batch.normaliser(count)` (or uses its `masked_mean`),
+      not by the local count; BatchNorm and dropout come from jaxdet.models.backbones
+      (`batch_norm`, `Dropout`), which take statistics over, and draw masks by row of, the
+      global batch. Means over images (fixed count per device) need nothing. Outside the axis
+      these helpers are the one-device computation, so the signature has no axis argument.
     predict: (variables, batch) -> Detections dict (see module docstring), in eval mode.
     extras: system-specific callables or constants (e.g. post-training transforms).
       Known keys: "eval_metrics", a host function (gts, dets) -> {name: float} whose scores

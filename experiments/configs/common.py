@@ -39,6 +39,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
       "warmup_steps": 0,           # linear warm-up from learning_rate * warmup_factor
       "warmup_factor": 0.1,
       "grad_clip_norm": 0.0,       # clip the global gradient norm (0 = off)
+      "lr_scaling": "none",        # "none" | "linear": learning_rate * train.batch_size /
+                                   # reference_batch (Goyal et al. 2017), see jaxdet.train.optim
+      "reference_batch": 0,        # the global batch learning_rate is for; 0 = the preset's
+                                   # train.batch_size (set by finalize; paper: the paper's)
   })
 
 
@@ -138,9 +142,16 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Locks the config: from here on, setting an unknown key is an error."""
+  """Locks the config: from here on, setting an unknown key is an error.
+
+  An unset optimizer.reference_batch becomes the preset's train.batch_size: the batch its
+  learning rate is tuned for (the paper presets use the paper's batch), which
+  optimizer.lr_scaling="linear" scales from when --config.train.batch_size changes it.
+  """
   if not config.system:
     raise ValueError("config.system: expected the name of a system in jaxdet.systems.SYSTEMS")
+  if not config.optimizer.get("reference_batch"):   # the batch the preset's rate is tuned for
+    config.optimizer.reference_batch = int(config.train.batch_size)
   config.lock()
   return config
 
@@ -178,9 +189,27 @@ def _flag_values(argv: list[str], define: Callable[[Any], None] | None):
                     flag_values=fv)
   flags.DEFINE_bool("show_config", False, "print the resolved config (every key with its "
                     "value, overrides applied) and exit", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0 "
+                      "(default: $JAX_COORDINATOR_ADDRESS or the cluster's)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "--multihost: the number of processes "
+                       "(default: detected from SLURM / Open MPI / Kubernetes)", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "--multihost: this process's index "
+                       "(default: detected as --num_processes)", flag_values=fv)
   if define is not None:
     define(fv)
   return fv
+
+
+def initialize_distributed(fv) -> None:
+  """With --multihost: jax.distributed.initialize from --coordinator_address, --num_processes,
+  --process_id where given (the rest from $JAX_COORDINATOR_ADDRESS or the cluster's
+  environment: SLURM, Open MPI, Kubernetes, Cloud TPU). Call before anything else uses JAX."""
+  if not fv.multihost:
+    return
+  import jax
+  given = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id")
+           if fv[k].value is not None}
+  jax.distributed.initialize(**given)
 
 
 def parse_flags(argv: Sequence[str], define: Callable[[Any], None] | None = None, *,

@@ -8,6 +8,7 @@ A batch is a dict of NumPy arrays with a leading batch axis B (keys as in `jaxde
   box_mask:     bool[B, M] True = real box
   difficult:    bool[B, M] VOC "difficult" flag (False where not given)
   image_id:     i32[B] the dataset's id of each image (-1 for padding examples)
+  index:        i32[B] (evaluation batches) each example's index in its source (-1 padding)
   example_mask: bool[B] False for the padding examples that fill the last evaluation batch
   scale:        f32[B] resize factor from the original image (new = scale * original)
   orig_size:    i32[B, 2] (height, width) of the original image; boxes map back to it exactly
@@ -86,7 +87,8 @@ def collate(examples: Sequence[Mapping[str, Any]], max_boxes: int, *, policy: st
     examples: dicts with "image" u8[h, w, 3], "boxes" f32[N, 4], "labels" i32[N] and
       optionally "difficult" bool[N], "image_id" int, "image_size" (h, w) of the real pixels
       (default: the image's shape), "scale" float (default 1), "orig_size" (h, w) (default:
-      image_size / scale), "example_mask" bool (default True).
+      image_size / scale), "example_mask" bool (default True), "index" int (the example's
+      index in its source; given by any example, the batch has "index" i32[B], -1 elsewhere).
     max_boxes: M, boxes per image after padding.
     policy: see `pad_boxes`.
     image_shape: (H, W) of the batch; images are zero padded at the bottom and right.
@@ -132,6 +134,8 @@ def collate(examples: Sequence[Mapping[str, Any]], max_boxes: int, *, policy: st
     (batch["boxes"][i], batch["labels"][i], batch["box_mask"][i],
      batch["difficult"][i]) = pad_boxes(ex["boxes"], ex["labels"], max_boxes, policy=policy,
                                         example_id=eid, difficult=ex.get("difficult"))
+  if any("index" in ex for ex in examples):   # evaluation: each example's index in its source
+    batch["index"] = np.asarray([int(ex.get("index", -1)) for ex in examples], np.int32)
   with_props = [ex for ex in examples if ex.get("proposals") is not None]
   if with_props:   # a fixed capacity P; examples without proposals (batch padding) get none
     p = np.asarray(with_props[0]["proposals"]).reshape(-1, 4).shape[0]

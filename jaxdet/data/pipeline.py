@@ -492,9 +492,18 @@ class Loader:
   array gets a leading device axis [num_devices, batch_size // num_devices, ...] (for pmap);
   otherwise the global batch is left for the caller to shard along axis 0.
 
+  Several processes: with shard=(index, count) (jax.process_index(), jax.process_count())
+  every process walks the same global order with the same seed and loads only its part of
+  each global batch, examples [index * b, (index + 1) * b) with b = batch_size / count; the
+  parts of all processes, in process order, are the global batch one process would load.
+  Each part is padded to the shape bucket of its own images: where images of one batch can
+  fall into different buckets (several `buckets`, or resize sizes), give several processes
+  one bucket (data.buckets = [(H, W)]) so that every part has the same shape.
+
   State: `get_state()` -> {"epoch": int, "position": int, "seed": int} after the last batch
-  returned; `set_state(state)` makes the next batch the one an uninterrupted run would
-  produce next (augmentation included).
+  returned, a position in the global order (the same on every process); `set_state(state)`
+  makes the next batch the one an uninterrupted run would produce next (augmentation
+  included), so one saved state resumes every process.
   """
 
   def __init__(self, source, *, batch_size: int, max_boxes: int,
@@ -502,12 +511,16 @@ class Loader:
                buckets: Sequence[Sequence[int]], seed: int = 0, train: bool = True,
                box_policy: str = "error", prefetch: int = 2, num_workers: int = 1,
                num_devices: int = 1, device_axis: bool = False,
-               group_by_aspect: bool = False):
+               group_by_aspect: bool = False, shard: Sequence[int] = (0, 1)):
     checks.check_positive("batch_size", batch_size)
     checks.check_positive("num_devices", num_devices)
-    if batch_size % num_devices:
-      raise ValueError(f"batch_size: expected a multiple of num_devices={num_devices}, "
-                       f"got {batch_size}")
+    index, count = (int(x) for x in shard)
+    if not 0 <= index < count or batch_size % count:
+      raise ValueError(f"shard: expected (index, count) with 0 <= index < count and count "
+                       f"dividing batch_size={batch_size}, got {tuple(shard)}")
+    if (batch_size // count) % num_devices:
+      raise ValueError(f"batch_size: expected a multiple of num_devices={num_devices} per "
+                       f"process, got {batch_size // count}")
     if len(source) == 0:
       raise ValueError("source: expected at least one example, got an empty source")
     self.source, self.batch_size, self.max_boxes = source, int(batch_size), int(max_boxes)
@@ -515,6 +528,7 @@ class Loader:
     self.seed, self.train, self.box_policy = int(seed), bool(train), box_policy
     self.prefetch, self.num_workers = int(prefetch), max(1, int(num_workers))
     self.num_devices, self.device_axis = int(num_devices), bool(device_axis)
+    self.shard = (index, count)
     self._epoch, self._position = 0, 0
     self._pool = (concurrent.futures.ThreadPoolExecutor(self.num_workers)
                   if self.num_workers > 1 else None)
@@ -583,14 +597,18 @@ class Loader:
       take = min(self.batch_size - len(keys), n - position)
       keys += [(epoch, int(i)) for i in order[position:position + take]]
       position += take
+    local = self.batch_size // self.shard[1]
+    keys = keys[self.shard[0] * local:(self.shard[0] + 1) * local]   # this process's part
     if self._pool is not None:
       examples = list(self._pool.map(lambda k: self._load(*k), keys))
     else:
       examples = [self._load(*k) for k in keys]
-    hh = max(e["image"].shape[0] for e in examples)
-    ww = max(e["image"].shape[1] for e in examples)
+    if not self.train:   # evaluation looks the dataset's own ground truth up by it
+      examples = [{**e, "index": i} for e, (_, i) in zip(examples, keys)]
+    hh = max((e["image"].shape[0] for e in examples), default=1)
+    ww = max((e["image"].shape[1] for e in examples), default=1)
     shape = transforms.choose_bucket(hh, ww, self.buckets)
-    pad = self.batch_size - len(examples)
+    pad = local - len(examples)
     examples += [{"image": np.zeros((shape[0], shape[1], 3), np.uint8),
                   "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32),
                   "image_id": -1, "example_mask": False}] * pad
@@ -677,7 +695,8 @@ class Loader:
 def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, seed: int,
                 train: bool, examples: Sequence[Mapping[str, Any]] | None = None,
                 class_names: Sequence[str] | None = None, num_devices: int = 1,
-                device_axis: bool = False, num_classes: int | None = None) -> Loader:
+                device_axis: bool = False, num_classes: int | None = None,
+                shard: Sequence[int] = (0, 1)) -> Loader:
   """The Loader of a data config (see the module docstring for keys and randomness).
 
   Args:
@@ -687,7 +706,8 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
     seed: order and augmentation seed.
     train: shuffled, repeating, augmented (True) or in order, one pass, padded (False).
     examples, class_names: the user examples when data_config["name"] == "examples".
-    num_devices, device_axis: see Loader.
+    num_devices, device_axis, shard: see Loader (shard: this process's part of each
+      global batch, (jax.process_index(), jax.process_count())).
     num_classes: the model's class count, checked against the dataset's (see make_source).
   """
   source = make_source(data_config, split, examples=examples, class_names=class_names,
@@ -698,5 +718,5 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
                 seed=seed, train=train, box_policy=data_config.get("box_policy", "error"),
                 prefetch=int(data_config.get("prefetch", 2)),
                 num_workers=int(data_config.get("num_workers", 1)),
-                num_devices=num_devices, device_axis=device_axis,
+                num_devices=num_devices, device_axis=device_axis, shard=shard,
                 group_by_aspect=bool(data_config.get("group_by_aspect", False)))

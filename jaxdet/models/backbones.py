@@ -27,6 +27,7 @@ Pooling helpers (`max_pool`, `adaptive_avg_pool`, `global_avg_pool`) are pure fu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import checks
+from jaxdet import checks, global_batch
 
 Array = jax.Array
 Dtype = Any
@@ -128,6 +129,37 @@ def _pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
+# ----------------------------------------------------------------------------- global-batch layers
+
+
+class Dropout(nn.Module):
+  """Dropout whose mask does not depend on how the batch is split over devices.
+
+  Row i of x (the leading axis: images, or RoIs / windows in example-major order) draws its
+  mask from fold_in(key, global row), the key from the "dropout" rng stream (the same on
+  every device); see jaxdet.global_batch. Kept entries are scaled by 1 / (1 - rate), as
+  flax's nn.Dropout.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    keys = global_batch.example_keys(self.make_rng("dropout"), x.shape[0])
+    mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def batch_norm(*, train: bool, dtype: Dtype, **kw) -> nn.BatchNorm:
+  """nn.BatchNorm (momentum 0.9 unless given) with statistics over the global batch: under
+  the data axis it averages them across devices (jaxdet.global_batch.bound_axis)."""
+  kw.setdefault("momentum", 0.9)
+  return nn.BatchNorm(use_running_average=not train, dtype=dtype,
+                      axis_name=global_batch.bound_axis() if train else None, **kw)
+
+
 # ----------------------------------------------------------------------------- fc parts
 
 
@@ -167,7 +199,7 @@ class DenseHead(nn.Module):
     else:
       checks.check_array("x", x, ndim=4, shape=(None, r, r, None))
       x = x.reshape(x.shape[0], -1)
-    drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+    drop = functools.partial(Dropout(self.dropout_rate), deterministic=not train)
     for i, width in enumerate(self.features):
       name = f"fc{6 + i}"
       if self.dropout_before:
@@ -323,8 +355,7 @@ def _norm(frozen: bool, train: bool, dtype: Dtype, name: str) -> nn.Module:
   if frozen:
     return FrozenBatchNorm(dtype=dtype, name=name)
   # torch momentum 0.1 (weight of the new batch) is flax momentum 0.9.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+  return batch_norm(train=train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
 class Bottleneck(nn.Module):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import losses
+from jaxdet import global_batch, losses
 from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
 from jaxdet.ops import windows as win
@@ -90,7 +90,7 @@ def build_system(config: Any) -> System:
 
   def crops(batch, key):
     b, mb = batch["boxes"].shape[:2]
-    keys = jax.random.split(key, b) if key is not None else [None] * b
+    keys = global_batch.example_keys(key, b) if key is not None else [None] * b
     if key is None:
       wins = jax.vmap(lambda bx: object_crops(None, bx, context=m["context"]))(batch["boxes"])
     else:
@@ -109,7 +109,7 @@ def build_system(config: Any) -> System:
                     mutable=mutable)
     logits, new_state = out if mutable else (out, {})
     labels, mask = batch["labels"].reshape(-1), batch["box_mask"].reshape(-1)
-    ce = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
+    ce = global_batch.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
     acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
     return ce, {"loss/class": ce, "accuracy": acc}, dict(new_state)
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxdet import checks
+from jaxdet import checks, global_batch
 from jaxdet import losses
 from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
@@ -422,12 +422,12 @@ def build_system(config: Any) -> System:
     x = backbones.normalize_images(batch["image"], dtype)
     props, pmask = get_proposals(batch)
     b = x.shape[0]
-    keys = jax.random.split(rng, b + 1)
-    s = jax.vmap(sampler)(keys[:b], props, pmask, batch["boxes"], batch["labels"],
-                          batch["box_mask"])
+    k_sample, k_drop = jax.random.split(rng)
+    s = jax.vmap(sampler)(global_batch.example_keys(k_sample, b), props, pmask,
+                          batch["boxes"], batch["labels"], batch["box_mask"])
     mutable = ["batch_stats"] if "batch_stats" in variables else False
     out = net.apply(variables, x, s["rois"], s["valid"], train=True,
-                    rngs={"dropout": keys[b]}, mutable=mutable)
+                    rngs={"dropout": k_drop}, mutable=mutable)
     (logits, deltas), new_state = out if mutable else (out, {})
     r = s["rois"].shape[1]
     flat = lambda a: a.reshape(b * r, *a.shape[2:])   # noqa: E731

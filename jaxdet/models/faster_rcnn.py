@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxdet import checks
+from jaxdet import checks, global_batch
 from jaxdet import losses
 from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
@@ -279,7 +279,7 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
       props = rpn_lib.propose_batch(jax.lax.stop_gradient(p_logits),
                                     jax.lax.stop_gradient(p_deltas), anchors,
                                     batch["image_size"], **train_props)
-      keys = jax.random.split(key_roi, b)
+      keys = global_batch.example_keys(key_roi, b)
       s = jax.vmap(sampler)(keys, props["boxes"], props["valid"], batch["boxes"],
                             batch["labels"], batch["box_mask"])
       pooled = module.pool(features, s["rois"], s["valid"])

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import checks, losses
+from jaxdet import checks, global_batch, losses
 from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
 from jaxdet.ops.boxes import clip_boxes
@@ -151,11 +151,11 @@ def localization_loss(logits: Array, coords: Array, targets: Mapping[str, Array]
   checks.check_array("logits", logits, ndim=3, dtype_kind="f")
   checks.check_array("coords", coords, ndim=4, dtype_kind="f")
   mask, labels = targets["mask"], targets["labels"]
-  ce = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
+  ce = global_batch.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
   group = labels if coords.shape[2] > 1 else jnp.zeros_like(labels)
   pred = jnp.take_along_axis(coords, group[..., None, None], axis=2)[:, :, 0]   # [B, K, D]
   l2 = jnp.sum(losses.l2(pred, targets["coords"], mask[..., None]), axis=-1)
-  box = losses.masked_mean(l2, mask)
+  box = global_batch.masked_mean(l2, mask)
   acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
   return ce + box_weight * box, {"loss/class": ce, "loss/box": box, "accuracy": acc}
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import checks, losses
+from jaxdet import checks, global_batch, losses
 from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
 from jaxdet.ops import box_coder
@@ -395,7 +395,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
   """
   k_sample, k_drop = jax.random.split(rng)
   b = batch["image"].shape[0]
-  keys = jax.random.split(k_sample, b)
+  keys = global_batch.example_keys(k_sample, b)
   if grid is None:
     sample = functools.partial(sample_windows, num_windows=num_windows, min_side=min_side,
                                jitter=jitter, aspect_range=aspect_range)
@@ -432,7 +432,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
     ce = jnp.mean(t * losses.softmax_cross_entropy(logits, obj)
                   + (1.0 - t) * losses.softmax_cross_entropy(logits, bg))
   else:
-    ce = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, keep), keep)
+    ce = global_batch.masked_mean(losses.softmax_cross_entropy(logits, labels, keep), keep)
   acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), keep)
   metrics = {"loss/class": ce, "window_accuracy": acc,
              "positive_fraction": jnp.mean((labels >= 0) & (labels < net.num_classes))}
@@ -447,7 +447,7 @@ def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng:
       per_window = jnp.sum(losses.l2(pred, target, reg[:, None]), axis=-1)
     else:
       per_window = jnp.sum(losses.smooth_l1(pred, target, reg[:, None], beta=1.0), axis=-1)
-    box_loss = losses.masked_mean(per_window, reg)
+    box_loss = global_batch.masked_mean(per_window, reg)
     metrics["loss/box"] = box_loss
     total = total + box_weight * box_loss
   return total, metrics, dict(new_state)

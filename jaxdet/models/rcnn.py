@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import checks, losses
+from jaxdet import checks, global_batch, losses
 from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
 from jaxdet.ops import box_coder, boxes as box_ops, crop_resize, matching, sampling
@@ -487,12 +487,12 @@ def build_system(config: Any) -> System:
   def loss(variables, batch, rng):
     _check_batch(batch)
     b = batch["image"].shape[0]
-    per_image = max(1, int(m["batch_rois"]) // b)
+    per_image = max(1, int(m["batch_rois"]) // (b * global_batch.num_shards()))
     t = jax.vmap(lambda p, pm, g, l, gm: region_targets(p, pm, g, l, gm, float(m["fg_iou"])))(
         batch["proposals"], batch["proposal_mask"], batch["boxes"], batch["labels"],
         batch["box_mask"])
     labels = jnp.where(t["mask"], jnp.where(t["class"] > 0, 1, 0), -1)      # [B, R]
-    keys = jax.random.split(jax.random.fold_in(rng, 1), b)
+    keys = global_batch.example_keys(jax.random.fold_in(rng, 1), b)
     idx, valid, _ = jax.vmap(lambda k, l: sampling.sample_balanced(
         k, l, per_image, float(m["fg_fraction"])))(keys, labels)           # [B, S]
     rois = jnp.take_along_axis(t["rois"], idx[..., None], axis=1)          # [B, S, 4]
@@ -502,7 +502,7 @@ def build_system(config: Any) -> System:
                     rngs={"dropout": rng})
     logits = out["logits"].reshape((b, per_image, c + 1))
     ce = losses.softmax_cross_entropy(logits, cls, valid)
-    value = losses.masked_mean(ce, valid)
+    value = global_batch.masked_mean(ce, valid)
     acc = losses.masked_mean((jnp.argmax(logits, -1) == cls).astype(jnp.float32), valid)
     fg = losses.masked_mean((cls > 0).astype(jnp.float32), valid)
     return value, {"cls_loss": value, "accuracy": acc, "fg_fraction": fg}, {}

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdet import checks
+from jaxdet import checks, global_batch
 from jaxdet.models import backbones
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
@@ -302,7 +302,7 @@ def rpn_targets(key: Array, anchors: Array, batch: Any, m: dict[str, Any]) -> di
                          num_samples=int(t["num_samples"]),
                          positive_fraction=t["positive_fraction"],
                          allowed_border=t["allowed_border"])
-  keys = jax.random.split(key, batch["boxes"].shape[0])
+  keys = global_batch.example_keys(key, batch["boxes"].shape[0])
   return jax.vmap(fn, in_axes=(0, None, 0, 0, 0))(keys, anchors, batch["boxes"],
                                                    batch["box_mask"], batch["image_size"])
 

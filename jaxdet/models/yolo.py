@@ -189,7 +189,7 @@ class YOLONet(nn.Module):
       x = nn.Conv(features, (k, k), strides=(stride, stride), padding="SAME",
                   use_bias=not self.batch_norm, dtype=self.dtype)(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+        x = backbones.batch_norm(train=train, dtype=self.dtype)(x)
       x = act(x)
     s, d = self.grid_size, 5 * self.num_boxes + self.num_classes
     if self.head == "conv":
@@ -197,12 +197,12 @@ class YOLONet(nn.Module):
         raise ValueError(f"head 'conv': the last conv map is {x.shape[1]} x {x.shape[2]}, "
                          f"expected S x S = {s} x {s}")
       x = act(nn.Conv(self.fc_dim, (1, 1), dtype=self.dtype, name="Dense_0")(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = backbones.Dropout(self.dropout_rate)(x, deterministic=not train)
       x = nn.Conv(d, (1, 1), dtype=self.dtype, name="Dense_1")(x)
       return x.astype(jnp.float32)
     x = x.reshape(x.shape[0], -1)
     x = act(nn.Dense(self.fc_dim, dtype=self.dtype)(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = backbones.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = nn.Dense(s * s * d, dtype=self.dtype)(x)
     return x.reshape(x.shape[0], s, s, d).astype(jnp.float32)
 

@@ -217,6 +217,10 @@ class Checkpoints:
       raise ValueError(f"checkpoints {self.directory}: opened read-only, cannot save")
     ocp = self._ocp
     step = int(state.step)
+    # a raw u32 key as a host array: a process-local jax.Array cannot be saved by several
+    # processes (typed keys, jax.random.key, are saved as they are)
+    if not jax.dtypes.issubdtype(getattr(rng, "dtype", np.uint32), jax.dtypes.prng_key):
+      rng = np.asarray(rng)
     tree = {"state": flax.serialization.to_state_dict(state), "rng": rng}
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"checkpoint.best_metric: {self.best_metric!r} is not among the eval "
@@ -278,6 +282,8 @@ class Checkpoints:
     if arrays is not None:
       _check_structure(where, arrays, template)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    if jax.process_count() > 1:   # whole arrays, replicated over every process's devices
+      abstract = jax.tree_util.tree_map(_replicated_struct, abstract)
     try:
       loader_state = self.manager.restore(step, args=ocp.args.Composite(
           loader=ocp.args.JsonRestore()))["loader"]
@@ -390,6 +396,12 @@ def _check_structure(where: str, arrays: Mapping[str, Any], template: Any) -> No
           f"{where}: its arrays do not fit the configured training state (another optimizer or "
           f"model?): {key} is {have} in the checkpoint, the configured state expects "
           f"{want.get(key)} ([dtype, shape]; None = absent)")
+
+
+def _replicated_struct(leaf: Any) -> jax.ShapeDtypeStruct:
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
 def _check_shapes(template: Any, tree: Any, step: int) -> None:

@@ -77,15 +77,22 @@ def make_runner(system: System, mode: str = "shard_map", *, donate: bool = True,
 
 def _make(make_loader, config: Any, split: str, *, batch_size: int, seed: int, train: bool,
           data: tuple[Any, Any]) -> Any:
-  """make_loader(...), passing one's own (examples, class_names) when given."""
+  """make_loader(...), passing one's own (examples, class_names) when given; with several
+  processes, each loads its part of every global batch (shard; the same seed and order)."""
   examples, class_names = data
   kw = {} if examples is None else {"examples": examples, "class_names": class_names}
+  if jax.process_count() > 1:
+    kw["shard"] = (jax.process_index(), jax.process_count())
   return make_loader(config.data, split, batch_size=batch_size, seed=seed, train=train, **kw)
 
 
 def _eval(config: Any, system: System, state: TrainState, make_loader, data,
           max_batches: int) -> dict[str, float]:
-  loader = _make(make_loader, config, config.eval.split, batch_size=int(config.eval.batch_size),
+  # sharded over every device: the eval batch rounded up to a multiple of them (the padding
+  # is masked out of the scores)
+  d = jax.device_count()
+  loader = _make(make_loader, config, config.eval.split,
+                 batch_size=-(-int(config.eval.batch_size) // d) * d,
                  seed=int(config.seed), train=False, data=data)
   return evaluate_variables(system.predict, state.variables, loader, system.num_classes,
                             max_batches=max_batches,
@@ -164,9 +171,8 @@ def train_and_evaluate(config: Any, workdir: str, *, system: System | None = Non
   num_devices = jax.device_count()
   batch_size = int(config.train.batch_size)
   parallel.check_batch_divisible(batch_size, num_devices)
-  loader = _make(make_loader, config, "train", batch_size=batch_size // jax.process_count(),
-                 seed=int(config.seed) + jax.process_index(), train=True,
-                 data=(examples, class_names))
+  loader = _make(make_loader, config, "train", batch_size=batch_size, seed=int(config.seed),
+                 train=True, data=(examples, class_names))
   eval_data = (eval_examples, class_names)
   state, rng, schedule = setup.init_state(config, system, setup.peek(loader))
   ckpt = setup.open_checkpoints(config, workdir, system)

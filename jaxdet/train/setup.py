@@ -66,7 +66,8 @@ def init_state(config: Any, system: System, batch: Any
   """A fresh TrainState at step 0, the run's PRNG key and the learning-rate schedule."""
   num_steps = int(config.train.num_steps)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps,
-                                      param_labels=system.param_labels)
+                                      param_labels=system.param_labels,
+                                      batch_size=int(config.train.batch_size))
   batch = {k: v for k, v in batch.items() if k != "example_mask"}
   state, rng = create_train_state(system, tx, jax.random.PRNGKey(int(config.seed)), batch)
   return state, rng, schedule

@@ -31,11 +31,14 @@ PredictFn = Callable[[Any, Batch], dict[str, jax.Array]]
 
 
 def step_rng(rng: jax.Array, step: jax.Array, axis_name: str | None = None) -> jax.Array:
-  """The key of one step (and one device): fold_in(rng, step), then the device index."""
-  rng = jax.random.fold_in(rng, step)
-  if axis_name is not None:
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  return rng
+  """The key of one step: fold_in(rng, step), the same on every device.
+
+  Never the device index: per-example randomness comes from the example's global index
+  (jaxdet.global_batch.example_keys), so the step does not depend on the device count.
+  `axis_name` is accepted for the wrappers' signature and unused.
+  """
+  del axis_name
+  return jax.random.fold_in(rng, step)
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -51,12 +54,12 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: Loss
   Args:
     state: the training state (float32 params).
     batch: this device's part of the batch (see jaxdet.system for keys and shapes).
-    rng: u32[2] the run's base key; this step uses fold_in(rng, state.step) (and the device
-      index under data parallelism).
+    rng: u32[2] the run's base key; this step uses fold_in(rng, state.step) on every device.
     loss_fn: the detector's loss, (variables, batch, rng) -> (loss, metrics, model_state).
     axis_name: the device axis under shard_map/pmap, None on one device. Gradients, model
-      state and metrics are averaged over it, so with equal shards the update equals the
-      one-device update on the whole batch (for losses that are means over images).
+      state and metrics are averaged over it; with equal shards the update equals the
+      one-device update on the whole batch, since losses use global normalisers, per-example
+      keys and cross-device BatchNorm (jaxdet.global_batch; see jaxdet.system.System.loss).
   Returns:
     (new state, metrics {name: f32[]}) with "loss" and "grad_norm" among the metrics.
   """
