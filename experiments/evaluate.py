@@ -34,8 +34,8 @@ def main(argv: list[str]) -> dict:
   else:
     from jaxdet.train.loop import evaluate
   if config.system == "faster_rcnn":   # 4-step training: the detector is its last step's
-    from jaxdet.models import faster_rcnn
-    config, workdir = faster_rcnn.detector_run(config, workdir)
+    from jaxdet.train import alternating
+    config, workdir = alternating.detector_run(config, workdir)
   scores = evaluate(config, workdir, dump=flags.dump)
   print(json.dumps(scores))
   return scores

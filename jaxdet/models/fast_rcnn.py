@@ -61,7 +61,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "backbone_kw": {},           # keyword arguments of its constructor
     "pretrained": "",            # a torchvision weights file (jaxdet.models.torch_weights)
     "init_from": "",             # a finished classify run's workdir: conv + fc from its latest
-                                 # checkpoint (jaxdet.train.init_from); "" = none
+                                 # checkpoint (jaxdet.models.init_from); "" = none
     "frozen": (),                # conv layer names kept at their values (VGG16: conv1_1..conv2_2)
     "dropout_rate": 0.5,
     "proposals": "batch",        # "batch" (batch["proposals"]) | "grid"
@@ -370,7 +370,7 @@ def load_backbone_weights(variables: dict, cfg: Mapping[str, Any]) -> dict:
     variables = {**variables, **{k: v for k, v in loaded.items() if k != "params"},
                  "params": params}
   if cfg.get("init_from"):
-    from jaxdet.train import init_from
+    from jaxdet.models import init_from
     variables = {**variables,
                  "params": init_from.load_into(variables["params"], str(cfg["init_from"]))}
   return variables
@@ -381,7 +381,7 @@ def build_system(config: Any) -> System:
 
   Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`) and `config.compute_dtype`.
   With `model.init_from` (a finished classify run's workdir, the same backbone), `init` takes
-  the conv and fc layers from that run's latest checkpoint (jaxdet.train.init_from).
+  the conv and fc layers from that run's latest checkpoint (jaxdet.models.init_from).
   extras: "network" (FastRCNNNet), "backbone" (BackboneParts), "model_config",
   "sample_rois" (one image; vmap it), "proposals" (batch -> (f32[B, P, 4], bool[B, P])),
   "score_proposals" (variables, batch -> scores f32[B, P, C + 1], boxes f32[B, P, C, 4],
