@@ -480,9 +480,8 @@ class Loader:
   padded with example_mask False; iterating a finished evaluation Loader again starts a new
   pass.
 
-  Batches are global: batch_size must be divisible by num_devices. With device_axis=True every
-  array gets a leading device axis [num_devices, batch_size // num_devices, ...] (for pmap);
-  otherwise the global batch is left for the caller to shard along axis 0.
+  Batches are global: batch_size must be divisible by num_devices; the caller shards them
+  along axis 0.
 
   State: `get_state()` -> {"epoch": int, "position": int, "seed": int} after the last batch
   returned; `set_state(state)` makes the next batch the one an uninterrupted run would
@@ -493,7 +492,7 @@ class Loader:
                transform: Callable[[Mapping[str, Any], np.random.Generator], dict[str, Any]],
                buckets: Sequence[Sequence[int]], seed: int = 0, train: bool = True,
                box_policy: str = "error", prefetch: int = 2, num_workers: int = 1,
-               num_devices: int = 1, device_axis: bool = False):
+               num_devices: int = 1):
     checks.check_positive("batch_size", batch_size)
     checks.check_positive("num_devices", num_devices)
     if batch_size % num_devices:
@@ -505,7 +504,7 @@ class Loader:
     self.transform, self.buckets = transform, [tuple(int(x) for x in b) for b in buckets]
     self.seed, self.train, self.box_policy = int(seed), bool(train), box_policy
     self.prefetch, self.num_workers = int(prefetch), max(1, int(num_workers))
-    self.num_devices, self.device_axis = int(num_devices), bool(device_axis)
+    self.num_devices = int(num_devices)
     self._epoch, self._position = 0, 0
     self._pool = (concurrent.futures.ThreadPoolExecutor(self.num_workers)
                   if self.num_workers > 1 else None)
@@ -574,9 +573,6 @@ class Loader:
                   "image_id": -1, "example_mask": False}] * pad
     batch = batching.collate(examples, self.max_boxes, policy=self.box_policy,
                              image_shape=shape)
-    if self.device_axis:
-      d = self.num_devices
-      batch = {k: v.reshape((d, v.shape[0] // d) + v.shape[1:]) for k, v in batch.items()}
     return batch, (epoch, position)
 
   # -- iteration
@@ -655,7 +651,7 @@ class Loader:
 def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, seed: int,
                 train: bool, examples: Sequence[Mapping[str, Any]] | None = None,
                 class_names: Sequence[str] | None = None, num_devices: int = 1,
-                device_axis: bool = False, num_classes: int | None = None) -> Loader:
+                num_classes: int | None = None) -> Loader:
   """The Loader of a data config (see the module docstring for keys and randomness).
 
   Args:
@@ -665,7 +661,7 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
     seed: order and augmentation seed.
     train: shuffled, repeating, augmented (True) or in order, one pass, padded (False).
     examples, class_names: the user examples when data_config["name"] == "examples".
-    num_devices, device_axis: see Loader.
+    num_devices: see Loader.
     num_classes: the model's class count, checked against the dataset's (see make_source).
   """
   source = make_source(data_config, split, examples=examples, class_names=class_names,
@@ -676,4 +672,4 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
                 seed=seed, train=train, box_policy=data_config.get("box_policy", "error"),
                 prefetch=int(data_config.get("prefetch", 2)),
                 num_workers=int(data_config.get("num_workers", 1)),
-                num_devices=num_devices, device_axis=device_axis)
+                num_devices=num_devices)
