@@ -36,8 +36,8 @@ def main(argv: list[str]) -> dict:
   else:
     from jaxdet.train.loop import evaluate   # prints the scores itself, before eval.json
   if config.system == "faster_rcnn":   # 4-step training: the detector is its last step's
-    from jaxdet.models import faster_rcnn
-    config, workdir = faster_rcnn.detector_run(config, workdir)
+    from jaxdet.train import alternating
+    config, workdir = alternating.detector_run(config, workdir)
   scores = evaluate(config, workdir, dump=flags.dump)
   if config.system == "rcnn":
     print(files.dumps(scores))

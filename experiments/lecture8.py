@@ -14,10 +14,9 @@ OUT/speedups.png.
 Resumable: a stage's results are written atomically to OUT/work/<system>/lecture8_stage.json
 when it is finished, and a second run reuses them (a stage interrupted while training resumes
 from its last checkpoint). A finished stage whose config has changed since (a new preset) is
-moved aside to OUT/work/<system>.stale-<fingerprint> and trained again. A stage whose config file or `jaxdet.systems.SYSTEMS` entry does not
-exist yet shows up in the table as "not available: <reason>"; a stage that raises shows up as
-"not available: failed: <error>" (its traceback goes to stderr), is not marked finished, and
-the run goes on with the next stage.
+moved aside to OUT/work/<system>.stale-<fingerprint> and trained again. A stage that raises
+shows up in the table as "not available: failed: <error>" (its traceback goes to stderr), is
+not marked finished, and the run goes on with the next stage.
 
 `--fast` trains each system for a few steps on a few images (a smoke run of the harness; the
 scores mean nothing). Training time is wall-clock and CPU time (all threads of this process and
@@ -67,7 +66,6 @@ class Stage:
       writes workdir/eval.json; "" = jaxdet.train.train_and_evaluate.
     variables: "module:function" (config, workdir, system, batch) -> the variables `predict`
       runs with after training; "" = the latest checkpoint (restore_for_inference).
-    requires: further "module:function"s that must exist for the stage to run.
     init_from: a folder under OUT/work holding a finished classification-pretraining run
       whose conv and fc layers start this system (config.model.init_from); "" = none. The
       lecture's detectors start from a backbone pretrained for classification.
@@ -79,7 +77,6 @@ class Stage:
   proposals: str = "none"
   driver: str = ""
   variables: str = ""
-  requires: tuple[str, ...] = ()
   init_from: str = ""
   detector: bool = True
 
@@ -92,9 +89,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("windows", "Sliding windows (brute force)", init_from="classify"),
     Stage("overfeat", "OverFeat (dense windows + box merging)", init_from="classify"),
     Stage("rcnn", "R-CNN", "selective_search", driver="experiments.rcnn_stages:train_and_evaluate",
-          variables="experiments.lecture8:rcnn_variables",
-          requires=("experiments.rcnn_stages:finetuned_params",
-                    "experiments.rcnn_stages:stage_variables"), init_from="classify"),
+          variables="experiments.lecture8:rcnn_variables", init_from="classify"),
     Stage("fast_rcnn", "Fast R-CNN", "selective_search", init_from="classify"),
     Stage("faster_rcnn", "Faster R-CNN", "rpn", init_from="classify"),
     Stage("yolo", "YOLO v1", init_from="classify"),
@@ -112,32 +107,6 @@ COLUMNS = ("detector", "system", "VOC07 mAP@0.5", "COCO AP", "train time (wall /
 def _resolve(spec: str) -> Callable[..., Any]:
   module, fn = spec.split(":")
   return getattr(importlib.import_module(module), fn)
-
-
-def availability(stage: Stage) -> str | None:
-  """None when the stage can run, else why not (its config, SYSTEMS entry or driver is missing)."""
-  from jaxdet.systems import SYSTEMS
-  try:
-    importlib.import_module(f"experiments.configs.{stage.system}")
-  except ModuleNotFoundError as e:
-    if e.name != f"experiments.configs.{stage.system}":
-      raise
-    return f"no experiments/configs/{stage.system}.py yet"
-  if stage.system not in SYSTEMS:
-    return f"{stage.system!r} is not in jaxdet.systems.SYSTEMS yet"
-  for spec in (stage.driver, stage.variables, *stage.requires):
-    if not spec:
-      continue
-    module, fn = spec.split(":")
-    try:
-      found = hasattr(importlib.import_module(module), fn)
-    except ModuleNotFoundError as e:
-      if e.name != module:
-        raise
-      found = False
-    if not found:
-      return f"no {module}.{fn} yet"
-  return None
 
 
 def rcnn_variables(config: Any, workdir: str, system: Any, batch: Any) -> Any:
@@ -513,7 +482,7 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
         ) -> dict[str, Any]:
   """Runs (or reuses) every selected stage and writes the table, JSON, chart and detections."""
   stages = select(only)
-  missing = {s.system: reason for s in stages if (reason := availability(s)) is not None}
+  missing: dict[str, str] = {}   # system -> why it failed
   results: dict[str, dict[str, Any]] = {}
   try:
     from tqdm import tqdm
@@ -521,13 +490,11 @@ def run(out: str = "out/lecture8", only: str | None = None, fast: bool = False
   except ImportError:
     bar = stages
   ss = {"s_per_image": None, "reason": "no stage uses selective search"}
-  if any(s.proposals == "selective_search" and s.system not in missing for s in stages):
+  if any(s.proposals == "selective_search" for s in stages):
     ss = selective_search_seconds(out, fast)
   for stage in bar:
     if hasattr(bar, "set_postfix_str"):
       bar.set_postfix_str(stage.system)
-    if stage.system in missing:
-      continue
     try:
       results[stage.system] = run_stage(stage, out, fast=fast)
     except Exception as e:   # noqa: BLE001  (one broken system must not stop the lecture)

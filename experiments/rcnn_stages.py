@@ -10,7 +10,7 @@ already exists in the workdir:
                  `config.model.init_from` is "": classification pretraining of the backbone on
                  object crops (the "classify" system, ordinary training loop) in
                  workdir/pretrain; fine-tuning starts its conv and fc layers from there
-                 (jaxdet.train.init_from), as the paper starts from ImageNet weights
+                 (jaxdet.models.init_from), as the paper starts from ImageNet weights
   1. finetune    the ordinary training loop (jaxdet.train.loop) on the (C+1)-way region
                  classifier, in workdir/finetune (orbax checkpoints: resumes mid-run);
                  its eval.json scores the fine-tuned softmax
@@ -127,8 +127,8 @@ def pretrained_run(config: Any, workdir: str) -> str:
 
 
 def _init_from_run(system: Any, run_dir: str) -> Any:
-  """`system` whose init takes conv and fc from the run in `run_dir` (jaxdet.train.init_from)."""
-  from jaxdet.train import init_from
+  """`system` whose init takes conv and fc from the run in `run_dir` (jaxdet.models.init_from)."""
+  from jaxdet.models import init_from
 
   def init(rng, batch):
     variables = dict(system.init(rng, batch))

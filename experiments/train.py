@@ -39,8 +39,8 @@ def main(argv: list[str]) -> dict:
     print(json.dumps(scores))
     return scores
   if config.system == "faster_rcnn" and config.model.get("stage") == "alternating":
-    from jaxdet.models import faster_rcnn   # the paper's 4-step schedule, one folder a step
-    scores = faster_rcnn.train_alternating(config, flags.workdir)
+    from jaxdet.train import alternating   # the paper's 4-step schedule, one folder a step
+    scores = alternating.train_alternating(config, flags.workdir)
     print(json.dumps(scores))
     return scores
   from jaxdet.train.loop import train_and_evaluate

@@ -278,8 +278,8 @@ def detector_run(config: Any, workdir: str) -> tuple[Any, str]:
   """(config, workdir) of the detector a training run leaves: for Faster R-CNN's 4-step
   schedule its last step's, else the two unchanged (as experiments.evaluate)."""
   if config.system == "faster_rcnn":
-    from jaxdet.models import faster_rcnn
-    return faster_rcnn.detector_run(config, workdir)
+    from jaxdet.train import alternating
+    return alternating.detector_run(config, workdir)
   return config, workdir
 
 

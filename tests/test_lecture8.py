@@ -9,15 +9,15 @@ import pytest
 
 from experiments import lecture8
 
-MISSING = lecture8.Stage("not_a_system", "A detector that does not exist yet")
+BROKEN = lecture8.Stage("not_a_system", "A detector whose stage raises (it has no config)")
 
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
-  """One --fast run of localization plus a stage that is not available; then a second run."""
+  """One --fast run of localization plus a stage that fails; then a second run."""
   out = str(tmp_path_factory.mktemp("lecture8"))
   stages = lecture8.STAGES
-  lecture8.STAGES = stages + (MISSING,)
+  lecture8.STAGES = stages + (BROKEN,)
   try:
     first = lecture8.run(out, only="localization,not_a_system", fast=True)
     marker = os.path.join(out, "work", "localization", lecture8.MARKER)
@@ -49,7 +49,7 @@ def test_fast_run_writes_every_output(fast_run):
   assert second["rows"] == saved["rows"]
 
 
-def test_table_has_the_lecture_columns_and_marks_missing_stages(fast_run):
+def test_table_has_the_lecture_columns_and_marks_failed_stages(fast_run):
   out, first, _, _, _, _ = fast_run
   with open(os.path.join(out, "lecture8.md")) as f:
     lines = f.read().splitlines()
@@ -59,10 +59,11 @@ def test_table_has_the_lecture_columns_and_marks_missing_stages(fast_run):
   body = [r for r in rows if not r.startswith("| detector")]
   assert len(body) == 2
   assert all(len(r.strip("|").split("|")) == len(lecture8.COLUMNS) for r in body)
-  missing = next(r for r in body if "not_a_system" in r)
-  assert "not available: no experiments/configs/not_a_system.py yet" in missing
+  failed = next(r for r in body if "not_a_system" in r)
+  assert ("not available: failed: ModuleNotFoundError: No module named "
+          "'experiments.configs.not_a_system'") in failed
   row = {r["system"]: r for r in first["rows"]}["not_a_system"]
-  assert row["not_available"].startswith("no experiments/configs/")
+  assert row["not_available"].startswith("failed: ModuleNotFoundError")
   assert "speedup" not in {r["system"]: r for r in first["rows"]}["localization"]   # no R-CNN
 
 

@@ -36,7 +36,7 @@ Presets:
          Training batches are grouped by aspect ratio (600 x 1000 or 1000 x 600).
 
 Stages (config.model.stage): "joint" (approximate joint training, the default),
-"alternating" (the 4-step alternating training: `jaxdet.models.faster_rcnn.train_alternating`
+"alternating" (the 4-step alternating training: `jaxdet.train.alternating.train_alternating`
 runs the steps in sequence, each resumable, with `model.alternating_steps` steps each), or one
 step of it alone, "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn".
 """

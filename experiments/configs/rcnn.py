@@ -16,7 +16,7 @@ Presets:
          (at most 256 proposals). As in the paper the backbone is pretrained for
          classification, then fine-tuned: the tiny net (widths 16-32-64-64, stride 8, fc
          128-128, dropout 0.3) of experiments/configs/classify.py:cpu, 600 Adam steps on 32 px
-         object crops, gives the conv and fc layers (jaxdet.train.init_from); fine-tuning on
+         object crops, gives the conv and fc layers (jaxdet.models.init_from); fine-tuning on
          32 x 32 warped regions (context 2 px, the paper's 16/227 ratio) as a 7-way classifier,
          128 regions per step (32 fg / 96 bg) from 4 images, 600 steps of Adam (lr 5e-4,
          cosine, weight decay 1e-4: faster than SGD at this length); SVMs and ridge as paper.

@@ -488,9 +488,8 @@ class Loader:
   padded with example_mask False; iterating a finished evaluation Loader again starts a new
   pass.
 
-  Batches are global: batch_size must be divisible by num_devices. With device_axis=True every
-  array gets a leading device axis [num_devices, batch_size // num_devices, ...] (for pmap);
-  otherwise the global batch is left for the caller to shard along axis 0.
+  Batches are global: batch_size must be divisible by num_devices; the caller shards them
+  along axis 0.
 
   Several processes: with shard=(index, count) (jax.process_index(), jax.process_count())
   every process walks the same global order with the same seed and loads only its part of
@@ -510,8 +509,8 @@ class Loader:
                transform: Callable[[Mapping[str, Any], np.random.Generator], dict[str, Any]],
                buckets: Sequence[Sequence[int]], seed: int = 0, train: bool = True,
                box_policy: str = "error", prefetch: int = 2, num_workers: int = 1,
-               num_devices: int = 1, device_axis: bool = False,
-               group_by_aspect: bool = False, shard: Sequence[int] = (0, 1)):
+               num_devices: int = 1, group_by_aspect: bool = False,
+               shard: Sequence[int] = (0, 1)):
     checks.check_positive("batch_size", batch_size)
     checks.check_positive("num_devices", num_devices)
     index, count = (int(x) for x in shard)
@@ -527,7 +526,7 @@ class Loader:
     self.transform, self.buckets = transform, [tuple(int(x) for x in b) for b in buckets]
     self.seed, self.train, self.box_policy = int(seed), bool(train), box_policy
     self.prefetch, self.num_workers = int(prefetch), max(1, int(num_workers))
-    self.num_devices, self.device_axis = int(num_devices), bool(device_axis)
+    self.num_devices = int(num_devices)
     self.shard = (index, count)
     self._epoch, self._position = 0, 0
     self._pool = (concurrent.futures.ThreadPoolExecutor(self.num_workers)
@@ -614,9 +613,6 @@ class Loader:
                   "image_id": -1, "example_mask": False}] * pad
     batch = batching.collate(examples, self.max_boxes, policy=self.box_policy,
                              image_shape=shape)
-    if self.device_axis:
-      d = self.num_devices
-      batch = {k: v.reshape((d, v.shape[0] // d) + v.shape[1:]) for k, v in batch.items()}
     return batch, (epoch, position)
 
   # -- iteration
@@ -695,8 +691,7 @@ class Loader:
 def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, seed: int,
                 train: bool, examples: Sequence[Mapping[str, Any]] | None = None,
                 class_names: Sequence[str] | None = None, num_devices: int = 1,
-                device_axis: bool = False, num_classes: int | None = None,
-                shard: Sequence[int] = (0, 1)) -> Loader:
+                num_classes: int | None = None, shard: Sequence[int] = (0, 1)) -> Loader:
   """The Loader of a data config (see the module docstring for keys and randomness).
 
   Args:
@@ -706,8 +701,8 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
     seed: order and augmentation seed.
     train: shuffled, repeating, augmented (True) or in order, one pass, padded (False).
     examples, class_names: the user examples when data_config["name"] == "examples".
-    num_devices, device_axis, shard: see Loader (shard: this process's part of each
-      global batch, (jax.process_index(), jax.process_count())).
+    num_devices, shard: see Loader (shard: this process's part of each global batch,
+      (jax.process_index(), jax.process_count())).
     num_classes: the model's class count, checked against the dataset's (see make_source).
   """
   source = make_source(data_config, split, examples=examples, class_names=class_names,
@@ -718,5 +713,5 @@ def make_loader(data_config: Mapping[str, Any], split: str, *, batch_size: int, 
                 seed=seed, train=train, box_policy=data_config.get("box_policy", "error"),
                 prefetch=int(data_config.get("prefetch", 2)),
                 num_workers=int(data_config.get("num_workers", 1)),
-                num_devices=num_devices, device_axis=device_axis, shard=shard,
+                num_devices=num_devices, shard=shard,
                 group_by_aspect=bool(data_config.get("group_by_aspect", False)))

@@ -52,7 +52,7 @@ from jaxdet.ops import matching, sampling
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.roi_pool import roi_pool
 from jaxdet.system import System
-from jaxdet.train import init_from as init_from_lib
+from jaxdet.models import init_from as init_from_lib
 
 Array = jax.Array
 
@@ -62,7 +62,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "backbone_kw": {},           # keyword arguments of its constructor
     "pretrained": "",            # a torchvision weights file (jaxdet.models.torch_weights)
     "init_from": "",             # a finished classify run's workdir: conv + fc from its latest
-                                 # checkpoint (jaxdet.train.init_from); "" = none
+                                 # checkpoint (jaxdet.models.init_from); "" = none
     "frozen": (),                # conv layer names kept at their values (VGG16: conv1_1..conv2_2)
     "dropout_rate": 0.5,
     "proposals": "batch",        # "batch" (batch["proposals"]) | "grid"
@@ -362,8 +362,8 @@ def load_backbone_weights(variables: dict, cfg: Mapping[str, Any]) -> dict:
   """Replaces the "conv" and "fc" params (and the backbone's other collections, e.g. ResNet's
   batch_stats) by those of cfg["pretrained"] (a local torchvision state dict) and/or of the
   finished classification run cfg["init_from"]; either may be empty
-  (jaxdet.train.init_from.start_backbone)."""
-  from jaxdet.train import init_from
+  (jaxdet.models.init_from.start_backbone)."""
+  from jaxdet.models import init_from
   return init_from.start_backbone(variables, backbone=cfg["backbone"],
                                   backbone_kw=cfg["backbone_kw"], pretrained=cfg["pretrained"],
                                   init_from=cfg["init_from"])
@@ -374,7 +374,7 @@ def build_system(config: Any) -> System:
 
   Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`) and `config.compute_dtype`.
   With `model.init_from` (a finished classify run's workdir, the same backbone), `init` takes
-  the conv and fc layers from that run's latest checkpoint (jaxdet.train.init_from).
+  the conv and fc layers from that run's latest checkpoint (jaxdet.models.init_from).
   extras: "network" (FastRCNNNet), "backbone" (BackboneParts), "model_config",
   "sample_rois" (one image; vmap it), "proposals" (batch -> (f32[B, P, 4], bool[B, P])),
   "score_proposals" (variables, batch -> scores f32[B, P, C + 1], boxes f32[B, P, C, 4],

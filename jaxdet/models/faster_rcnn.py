@@ -17,19 +17,16 @@ RoI sampling and multi-task loss) classifies them. Parts:
                      RPN, kept frozen as `params["proposal_conv"]`, `params["proposal_rpn"]`;
     "3_rpn"          step 3: the RPN's own layers, on the step-2 conv layers kept frozen;
     "4_fast_rcnn"    step 4: the Fast R-CNN fc layers and heads, shared conv and RPN frozen.
-  `train_alternating` (below) runs the four steps, each in its own workdir subfolder, each
-  resumable, initialising every step from the previous ones' parameters.
+  The schedule itself (the four steps in order, each in its own workdir subfolder, each
+  resumable, each starting from the previous steps' parameters) is orchestration above the
+  model: `jaxdet.train.alternating.train_alternating`.
 
 Classes: as Fast R-CNN (background is softmax class 0 internally; detections carry 0..C-1).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import logging
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -47,13 +44,12 @@ from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
-from jaxdet.train import init_from as init_from_lib
+from jaxdet.models import init_from as init_from_lib
 
 Array = jax.Array
-log = logging.getLogger(__name__)
 
 STAGES = ("joint", "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn")
-# config.model.stage naming the whole 4-step schedule (run by `train_alternating`); the
+# config.model.stage naming the whole 4-step schedule (run by jaxdet.train.alternating); the
 # detector it leaves is the network of its last step.
 ALTERNATING = "alternating"
 
@@ -91,33 +87,6 @@ def model_config(config: Any) -> dict[str, Any]:
     raise ValueError(f"config.model.alternating_steps: expected () or {len(STAGES) - 1} "
                      f"positive ints (steps of {STAGES[1:]}), got {cfg['alternating_steps']!r}")
   return cfg
-
-
-def step_config(config: Any, stage: str, num_steps: int | None = None) -> Any:
-  """A copy of the experiment config `config` (a ConfigDict) for one step of the 4-step
-  schedule: model.stage = `stage` and no schedule in model (so that the step's checkpoint
-  fingerprint is its network's alone); with `num_steps`, that training length, the optimizer's
-  warm-up and decay boundaries scaled by num_steps / config.train.num_steps."""
-  import copy
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
-    cfg.model.stage = stage
-    cfg.model.alternating_steps = ()
-    if num_steps is not None:
-      ratio = int(num_steps) / int(cfg.train.num_steps)
-      cfg.train.num_steps = int(num_steps)
-      cfg.optimizer.decay_steps = tuple(int(round(d * ratio))
-                                        for d in cfg.optimizer.decay_steps)
-      cfg.optimizer.warmup_steps = int(round(cfg.optimizer.warmup_steps * ratio))
-  return cfg
-
-
-def detector_run(config: Any, workdir: str) -> tuple[Any, str]:
-  """(config, workdir) of the detector a training run of `config` in `workdir` leaves: for
-  ALTERNATING its last step's (`step_config`, workdir/<step>), else the two unchanged."""
-  if model_config(config)["stage"] != ALTERNATING:
-    return config, workdir
-  return step_config(config, STAGES[-1]), os.path.join(workdir, STAGES[-1])
 
 
 class FasterRCNNNet(fast_rcnn.FastRCNNNet):
@@ -225,7 +194,7 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
   cfg = model_config(config)
   if cfg["stage"] == ALTERNATING:
     raise ValueError(f"config.model.stage: {ALTERNATING!r} names the 4-step schedule "
-                     f"(train_alternating, or experiments.train), not one network; build one "
+                     f"(jaxdet.train.alternating), not one network; build one "
                      f"of {STAGES}")
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
   net, parts = make_network(cfg, dtype)
@@ -351,64 +320,3 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
                         "anchors": anchors_of, "proposals": proposals, "conv": conv,
                         "propose": propose, "detect": detect, "stage": stage},
                 param_labels=_param_labels(stage, tuple(cfg["frozen"])))
-
-
-# --- 4-step alternating training ------------------------------------------------------------
-
-
-def _stage_init(stage: str, done: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
-  """The parameters a stage starts from, given the final params of the finished stages."""
-  if stage == "2_fast_rcnn":   # its own conv (fresh or pretrained); proposals from step 1
-    p1 = done["1_rpn"]
-    return {"proposal_conv": p1["conv"], "proposal_rpn": p1["rpn"]}
-  if stage == "3_rpn":         # step-2 conv (frozen), RPN head from step 1
-    p2 = done["2_fast_rcnn"]
-    return {"conv": p2["conv"], "fc": p2["fc"], "cls_score": p2["cls_score"],
-            "bbox_pred": p2["bbox_pred"], "rpn": done["1_rpn"]["rpn"]}
-  if stage == "4_fast_rcnn":   # everything from step 3; trains the Fast R-CNN layers only
-    return dict(done["3_rpn"])
-  return None
-
-
-def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
-                      steps: Mapping[str, int] | None = None) -> dict[str, Any]:
-  """The paper's 4-step alternating training, each step in workdir/<stage>, each resumable.
-
-  Step i trains with `config.model.stage` = the i-th of STAGES[1:] for `steps[stage]` steps
-  (default: config.model.alternating_steps, then config.train.num_steps; see `step_config`)
-  through `jaxdet.train.train_and_evaluate`, so an interrupted step resumes from its own checkpoints and a finished one (its eval.json at the
-  last step) is not run again; its final parameters are read back from its checkpoint.
-
-  Returns:
-    {stage: the eval metrics of that step}; the last one is the detector's.
-  """
-  from jaxdet.train import loop, setup
-
-  if steps is None:
-    steps = dict(zip(STAGES[1:], model_config(config)["alternating_steps"]))
-  done: dict[str, Any] = {}
-  results: dict[str, Any] = {}
-  for stage in STAGES[1:]:
-    cfg = step_config(config, stage, steps.get(stage))
-    system = build_system(cfg, init_params=_stage_init(stage, done))
-    stage_dir = os.path.join(workdir, stage)
-    eval_path = os.path.join(stage_dir, "eval.json")
-    finished = False
-    if os.path.exists(eval_path):
-      with open(eval_path) as f:
-        metrics = json.load(f)
-      finished = int(metrics.get("step", -1)) == int(cfg.train.num_steps)
-    mk = setup.default_make_loader() if make_loader is None else make_loader
-    if finished:
-      log.info("stage %s already finished in %s", stage, stage_dir)
-      batch = setup.peek(mk(cfg.data, "train", batch_size=int(cfg.train.batch_size),
-                            seed=int(cfg.seed), train=True))
-      state = loop.restore_for_inference(cfg, stage_dir, system, batch)
-    else:
-      log.info("alternating training: stage %s in %s", stage, stage_dir)
-      state = loop.train_and_evaluate(cfg, stage_dir, system=system, make_loader=mk)
-      with open(eval_path) as f:
-        metrics = json.load(f)
-    done[stage] = jax.device_get(state.params)
-    results[stage] = metrics
-  return results

@@ -34,7 +34,7 @@ from jaxdet.models import backbones
 from jaxdet.models.settings import merge_settings
 from jaxdet.ops.boxes import clip_boxes
 from jaxdet.system import System
-from jaxdet.train import init_from
+from jaxdet.models import init_from
 
 Array = jax.Array
 

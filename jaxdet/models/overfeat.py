@@ -48,7 +48,7 @@ from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.boxes import box_iou, clip_boxes
 from jaxdet.ops.matching import match_boxes
 from jaxdet.system import System
-from jaxdet.train import init_from
+from jaxdet.models import init_from
 
 Array = jax.Array
 
@@ -622,7 +622,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "max_detections": 50,
     "pretrained": "",              # a local torchvision weights file of the backbone (ImageNet)
     "init_from": "",               # a finished classify run's workdir: conv + fc start from its
-                                   # latest checkpoint (jaxdet.train.init_from); "" = scratch
+                                   # latest checkpoint (jaxdet.models.init_from); "" = scratch
 }
 
 

@@ -51,7 +51,7 @@ from jaxdet.models.settings import merge_settings
 from jaxdet.ops import box_coder, boxes as box_ops, crop_resize, matching, sampling
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
-from jaxdet.train import init_from
+from jaxdet.models import init_from
 
 Array = jax.Array
 
@@ -66,7 +66,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "chunk": 256,                # regions per CNN call at test / feature extraction
     "pretrained": "",            # a local torchvision weights file of the backbone (ImageNet)
     "init_from": "",             # a finished classify run's workdir: start conv + fc from its
-                                 # latest checkpoint (jaxdet.train.init_from); "" = from scratch
+                                 # latest checkpoint (jaxdet.models.init_from); "" = from scratch
     "svm": {"C": 1e-3, "pos_weight": 2.0, "bias_mult": 10.0, "neg_iou": 0.3,
             "feat_norm": 20.0, "cache_size": 4096, "rounds": 4, "newton_steps": 15,
             "hard_threshold": -1.0001, "easy_threshold": -1.2, "solver": "newton"},
@@ -466,7 +466,7 @@ def build_system(config: Any) -> System:
 
   Reads `config.model` (keys and defaults: MODEL_DEFAULTS), `config.num_classes` and
   `config.compute_dtype`. With `model.init_from` (a finished classify run's workdir), `init`
-  takes the conv and fc layers from that run's latest checkpoint (jaxdet.train.init_from). Batches must carry "proposals" and "proposal_mask".
+  takes the conv and fc layers from that run's latest checkpoint (jaxdet.models.init_from). Batches must carry "proposals" and "proposal_mask".
   extras: "network" (RCNNNet), "model" (the merged model config), "features" (jitted
   (params, batch) -> per-region outputs and targets for the training stages), and
   "predict_without_bbox_reg".

@@ -15,8 +15,8 @@ logits and 4k box deltas for the k anchors of that cell. Parts:
   best `pre_nms_topk` by objectness, NMS at 0.7, keep the best `post_nms_topk`; fixed-size output
   with a validity mask. `propose_batch` vmaps it.
 * `jaxdet.losses.rpn_loss`: objectness log loss + lambda * smooth L1 on the positives.
-* `RPN` / `build_rpn`: the backbone conv part and the head as one module, usable alone as a
-  proposal generator (`rpn_proposals`) or as the first stage of Faster R-CNN.
+* `feature_anchors`, `rpn_targets`, `proposal_settings`: the same for a batch and a model
+  config, as Faster R-CNN (`jaxdet.models.faster_rcnn`) uses them.
 
 Objectness is one sigmoid logit per anchor (as torchvision), equivalent to the paper's two-way
 softmax. Box deltas use `jaxdet.ops.box_coder` with the RPN weights (1, 1, 1, 1).
@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxdet import checks, global_batch
-from jaxdet.models import backbones
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
@@ -217,76 +216,7 @@ def propose_batch(logits: Array, deltas: Array, anchors: Array, image_size: Arra
   return jax.vmap(fn, in_axes=(0, 0, None, 0))(logits, deltas, anchors, image_size)
 
 
-# --- the RPN as a proposal generator --------------------------------------------------------
-
-
-MODEL_DEFAULTS = {
-    "backbone": "vgg16",
-    "backbone_kw": {},
-    "rpn_channels": 512,
-    "anchor_scales": (128.0, 256.0, 512.0),
-    "anchor_ratios": (0.5, 1.0, 2.0),
-    "targets": dict(TARGET_DEFAULTS),
-    "proposals": {k: dict(v) for k, v in PROPOSAL_DEFAULTS.items()},
-}
-
-
-class RPN(nn.Module):
-  """Backbone conv part + `RPNHead`: images -> (features, logits, deltas).
-
-  Attributes:
-    conv: the backbone's conv module (images f[B, H, W, 3] -> f[B, fh, fw, C]).
-    num_anchors: k.
-    channels: the head's 3x3 conv width.
-    dtype: compute dtype of the head.
-  """
-  conv: nn.Module
-  num_anchors: int
-  channels: int = 512
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    self.head = RPNHead(self.num_anchors, self.channels, self.dtype)
-
-  def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array, Array]:
-    """x f[B, H, W, 3] normalised -> features f[B, fh, fw, C], logits f32[B, A],
-    deltas f32[B, A, 4] with A = fh * fw * k."""
-    features = self.conv(x, train=train)
-    logits, deltas = self.head(features)
-    return features, logits, deltas
-
-
-def settings(model_cfg: Any, defaults: dict[str, Any] = MODEL_DEFAULTS) -> dict[str, Any]:
-  """`defaults` updated by a config.model section (nested dicts merged one level deep); an
-  unknown key raises, naming it."""
-  given = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg or {})
-  unknown = sorted(set(given) - set(defaults) - {"num_classes"})
-  if unknown:
-    raise ValueError(f"config.model: unknown keys {unknown}; expected some of "
-                     f"{sorted(defaults)}")
-  out = {}
-  for key, default in defaults.items():
-    value = given.get(key, default)
-    if isinstance(default, dict) and key != "backbone_kw":
-      value = dict(value)
-      bad = sorted(set(value) - set(default))
-      if bad:
-        raise ValueError(f"config.model.{key}: unknown keys {bad}; expected some of "
-                         f"{sorted(default)}")
-      if all(isinstance(v, dict) for v in default.values()):    # e.g. proposals.train/test
-        value = {k: {**default[k], **dict(value.get(k, {}))} for k in default}
-      else:
-        value = {**default, **value}
-    out[key] = value
-  return out
-
-
-def build_rpn(m: dict[str, Any], dtype: Any = jnp.float32
-              ) -> tuple[RPN, backbones.BackboneParts, int]:
-  """(RPN module, backbone parts, k) from resolved settings (see `settings`)."""
-  parts = backbones.get_backbone(m["backbone"], dtype=dtype, **dict(m["backbone_kw"]))
-  k = len(tuple(m["anchor_scales"])) * len(tuple(m["anchor_ratios"]))
-  return RPN(parts.conv, k, int(m["rpn_channels"]), dtype), parts, k
+# --- a batch and a model config (as Faster R-CNN uses them) ---------------------------------
 
 
 def feature_anchors(features: Array, stride: int, m: dict[str, Any]) -> Array:
@@ -312,19 +242,3 @@ def proposal_settings(m: dict[str, Any], mode: str) -> dict[str, Any]:
   p = m["proposals"][mode]
   return {"pre_nms_topk": int(p["pre_nms_topk"]), "post_nms_topk": int(p["post_nms_topk"]),
           "nms_threshold": float(p["nms_threshold"]), "min_size": float(p["min_size"])}
-
-
-def rpn_proposals(net: RPN, variables: Any, images: Array, image_size: Array, *, stride: int,
-                  m: dict[str, Any], mode: str = "test") -> dict[str, Array]:
-  """The RPN alone as a proposal generator (eval mode).
-
-  Args:
-    net, variables: the RPN module and its variables.
-    images: f[B, H, W, 3] normalised; image_size: i32[B, 2] real (height, width).
-    stride: the backbone stride; m: resolved settings; mode: "train" or "test" counts.
-  Returns:
-    {"boxes": f32[B, K, 4], "scores": f32[B, K], "valid": bool[B, K]}.
-  """
-  features, logits, deltas = net.apply(variables, images, train=False)
-  anchors = feature_anchors(features, stride, m)
-  return propose_batch(logits, deltas, anchors, image_size, **proposal_settings(m, mode))

@@ -38,7 +38,7 @@ from jaxdet.models.settings import merge_settings
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
-from jaxdet.train import init_from
+from jaxdet.models import init_from
 
 Array = jax.Array
 
@@ -160,7 +160,7 @@ class YOLONet(nn.Module):
     head: "fc" (the paper) or "conv" (per cell; the last conv map must be S x S).
     conv: an optional backbone conv part (images, train) -> features run before `layers`
       (e.g. `get_backbone("tiny").conv`); its parameters are named "conv", as in the
-      classification network, so that `jaxdet.train.init_from` loads them.
+      classification network, so that `jaxdet.models.init_from` loads them.
     dtype: computation dtype (parameters stay float32); outputs are float32.
   """
   num_classes: int
@@ -335,7 +335,7 @@ MODEL_DEFAULTS = {
     "backbone_kw": TINY_BACKBONE_KW,   # variant "tiny": get_backbone("tiny", **backbone_kw)
     "pretrained": "",          # a local torchvision weights file of the backbone (vgg16)
     "init_from": "",           # variant "tiny": a finished classify run's workdir whose "conv"
-                               # starts the backbone (jaxdet.train.init_from); "" = scratch
+                               # starts the backbone (jaxdet.models.init_from); "" = scratch
     "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0, "lambda_class": 1.0},
     "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,
                 "pre_nms_topk": 0},   # 0 = every (box, class) pair enters NMS

@@ -232,12 +232,6 @@ def load_proposals(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
   return boxes, mask
 
 
-def cache_meta(cache_dir: str) -> dict[str, Any]:
-  """The settings a cache was computed with (its meta.json)."""
-  with open(os.path.join(cache_dir, "meta.json")) as f:
-    return json.load(f)
-
-
 def split_cache_dir(root: str, dataset: str, split: str, mode: str, num_examples: int | None
                     ) -> str:
   """The conventional cache folder of a dataset split: root/dataset/split_mode_n."""

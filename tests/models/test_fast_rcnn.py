@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxdet.models import fast_rcnn
-from jaxdet.train import init_from, optim, state as state_lib, step as step_lib
+from jaxdet.models import init_from
+from jaxdet.train import optim, state as state_lib, step as step_lib
 
 C = 3
 STDS = (0.1, 0.1, 0.2, 0.2)

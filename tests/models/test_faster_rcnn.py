@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from jaxdet.models import faster_rcnn
-from jaxdet.train import optim, state as state_lib, step as step_lib
+from jaxdet.train import alternating, optim, state as state_lib, step as step_lib
 
 SMALL = {
     "num_classes": 3, "backbone": "tiny",
@@ -80,7 +80,7 @@ def test_alternating_stages_train_the_paper_parts_and_chain_params(rng):
   labels = {}
   params = {}
   for stage in faster_rcnn.STAGES[1:]:
-    init = faster_rcnn._stage_init(stage, params)
+    init = alternating.stage_init(stage, params)
     system = faster_rcnn.build_system(_config(stage=stage), init_params=init)
     variables = system.init(jax.random.PRNGKey(len(params)), batch)
     params[stage] = variables["params"]
@@ -128,11 +128,11 @@ def test_alternating_schedule_config():
     faster_rcnn.model_config(_config(alternating_steps=(4, 3, 0, 1)))
   import ml_collections
   config = ml_collections.ConfigDict(_config(stage="alternating", alternating_steps=(4, 3, 2, 1)))
-  final, workdir = faster_rcnn.detector_run(config, "/w")
+  final, workdir = alternating.detector_run(config, "/w")
   assert (final.model.stage, tuple(final.model.alternating_steps)) == ("4_fast_rcnn", ())
   assert workdir == "/w/4_fast_rcnn" and config.model.stage == "alternating"
   joint = ml_collections.ConfigDict(_config())
-  assert faster_rcnn.detector_run(joint, "/w") == (joint, "/w")
+  assert alternating.detector_run(joint, "/w") == (joint, "/w")
 
 
 def test_train_alternating_runs_each_step_for_its_steps(monkeypatch, tmp_path, rng):
@@ -170,11 +170,11 @@ def test_train_alternating_runs_each_step_for_its_steps(monkeypatch, tmp_path, r
       "train": {"num_steps": 80, "batch_size": 2},
       "optimizer": {"decay_steps": (60,), "warmup_steps": 8}})
   loader = lambda *a, **k: None   # noqa: E731
-  results = faster_rcnn.train_alternating(config, str(tmp_path), make_loader=loader)
+  results = alternating.train_alternating(config, str(tmp_path), make_loader=loader)
   assert trained == [("1_rpn", 40, (30,), 4, ()), ("2_fast_rcnn", 20, (15,), 2, ()),
                      ("3_rpn", 40, (30,), 4, ()), ("4_fast_rcnn", 20, (15,), 2, ())]
   assert list(results) == list(faster_rcnn.STAGES[1:])
   assert sorted(os.listdir(tmp_path)) == sorted(faster_rcnn.STAGES[1:])
-  again = faster_rcnn.train_alternating(config, str(tmp_path), make_loader=loader)
+  again = alternating.train_alternating(config, str(tmp_path), make_loader=loader)
   assert len(trained) == 4 and restored == list(faster_rcnn.STAGES[1:])
   assert again == results

@@ -15,7 +15,7 @@ import pytest
 
 from jaxdet.models import backbones
 from jaxdet.systems import build_system
-from jaxdet.train import init_from
+from jaxdet.models import init_from
 
 # Narrow nets with torchvision's layouts (backbone_kw of the configs below).
 VGG_KW = {"stages": ((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8)),

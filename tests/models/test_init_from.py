@@ -1,4 +1,4 @@
-"""jaxdet.train.init_from: a detector's backbone taken from a finished classify run's checkpoint."""
+"""jaxdet.models.init_from: a detector's backbone taken from a finished classify run's checkpoint."""
 
 import jax
 import numpy as np
@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from jaxdet.models import classify, rcnn
-from jaxdet.train import init_from
+from jaxdet.models import init_from
 from jaxdet.train.checkpoint import Checkpoints
 from jaxdet.train.state import create_train_state
 
