@@ -99,13 +99,14 @@ def init_guard() -> dict[str, np.ndarray]:
   Returns:
     {"bad_step": i32[] the first step whose update was refused for good (0 = none; under
        "skip", the step that made `max_consecutive_skips` skips in a row),
-     "bad_metrics": f32[MAX_GUARD_METRICS] that step's metrics in sorted-name order (NaN pad),
+     "bad_metrics": f32[MAX_GUARD_METRICS] that step's metrics in sorted-name order (zero pad:
+       a NaN pad would compare unequal to itself when several processes place the guard),
      "bad_update": bool[] whether the updated state (not only the loss) was non-finite there,
      "skipped": i32[] updates skipped so far ("skip"), "in_a_row": i32[] the current run of
        skips}.
   """
   return {"bad_step": np.zeros((), np.int32),     # NumPy: placing it compiles nothing
-          "bad_metrics": np.full((MAX_GUARD_METRICS,), np.nan, np.float32),
+          "bad_metrics": np.zeros((MAX_GUARD_METRICS,), np.float32),
           "bad_update": np.zeros((), bool), "skipped": np.zeros((), np.int32),
           "in_a_row": np.zeros((), np.int32)}
 

@@ -267,8 +267,9 @@ def test_synthetic_objects_beyond_max_boxes(tmp_path):
 
 def test_batch_not_divisible_by_devices(tmp_path, monkeypatch):
   monkeypatch.setattr(preflight.jax, "device_count", lambda: 4)
-  with pytest.raises(ValueError, match=r"train.batch_size: expected a multiple of the 4 "
-                                       r"devices, got 6"):
+  with pytest.raises(ValueError, match=r"train.batch_size: the global batch of 6 does not "
+                                       r"split over the 4 devices; set "
+                                       r"--config.train.batch_size=8"):
     preflight.check_config(_config(**{"train.batch_size": 6}), _system(_config()))
 
 
@@ -317,4 +318,7 @@ def test_shipped_configs_pass_the_checks(name):
     for stage in (config.pretrain, rcnn_stages.finetune_config(config)):
       preflight.check_train(stage, setup.system_from_config(stage))
   paper = module.get_config("paper")
+  if "pretrained" in paper.model:   # its frozen layers need the ImageNet file, not here
+    paper.unlock()
+    paper.model.pretrained = "/path/to/vgg16.pth"
   preflight.check_config(paper, setup.system_from_config(paper))

