@@ -19,6 +19,7 @@ from jaxdet.train import loop, preflight, setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "train"))
+from toy_system import set_keys  # noqa: E402
 
 
 class StepReached(Exception):
@@ -36,13 +37,7 @@ def _config(**overrides):
   config.data.num_train, config.data.num_test = 64, 8
   config.data.prefetch, config.data.num_workers = 0, 1
   config.train.batch_size, config.eval.batch_size = 4, 4
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
+  return set_keys(config, overrides)
 
 
 def _system(config):

@@ -1,16 +1,11 @@
 """Global batch semantics: a step over 4 devices is the step of 1 device at the global batch,
 for every detector (subprocess with 4 simulated CPU devices); the batch rules."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from four_devices import run_on_four_devices
 
 from jaxdet.train import optim, parallel
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("classify", "localization", "windows", "overfeat", "rcnn", "fast_rcnn",
            "faster_rcnn", "yolo")
 
@@ -18,13 +13,7 @@ SYSTEMS = ("classify", "localization", "windows", "overfeat", "rcnn", "fast_rcnn
 @pytest.fixture(scope="module")
 def four_devices():
   """One subprocess computes every system: 2 SGD steps on 1 device, shard_map and pmap."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "global_semantics_check.py")],
-                        env=env, capture_output=True, text=True, timeout=1500,
-                        cwd=os.path.dirname(os.path.dirname(HERE)))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_on_four_devices("global_semantics_check.py", timeout=1500)
 
 
 @pytest.mark.xdist_group("four_devices")   # one worker computes the fixture (pyproject: loadgroup)

@@ -154,6 +154,11 @@ def toy_config(**overrides: Any):
   config.system = "toy"
   config.model = {"features": 8, "batch_norm": False}
   config.num_classes = 3
+  return set_keys(config, overrides)
+
+
+def set_keys(config: Any, overrides: dict[str, Any]):
+  """Sets dotted keys ("train.batch_size") of a config in place; returns it."""
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")
