@@ -32,32 +32,31 @@ ALEX_CONVS = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
 ALEX_FC = {"fc6": 1, "fc7": 4, "head": 6}
 
 
-def _vgg_state_dict(rng, classes=10):
+def _state_dict(rng, convs, fcs, pool, classes):
+  """A torchvision-format state dict of random weights: convs [(features index, out
+  channels, kernel side)], the classifier indices of the 3 fc layers (widths 16, 16, classes)
+  and the side of the last pooled map; returns (state dict, its (C, H, W))."""
   sd, cin = {}, 3
-  widths = [w for stage in VGG_KW["stages"] for w in stage]
-  for (name, i), w in zip(VGG_CONVS.items(), widths):
-    sd[f"features.{i}.weight"] = rng.normal(size=(w, cin, 3, 3)).astype(np.float32) * 0.1
-    sd[f"features.{i}.bias"] = rng.normal(size=(w,)).astype(np.float32)
-    cin = w
-  dims = [cin * 7 * 7, 16, 16, classes]
-  for (name, i), (a, b) in zip(VGG_FC.items(), zip(dims[:-1], dims[1:])):
-    sd[f"classifier.{i}.weight"] = rng.normal(size=(b, a)).astype(np.float32) * 0.1
-    sd[f"classifier.{i}.bias"] = rng.normal(size=(b,)).astype(np.float32)
-  return sd, (cin, 7, 7)
-
-
-def _alexnet_state_dict(rng, classes=10):
-  sd, cin = {}, 3
-  for (name, i), spec in zip(ALEX_CONVS.items(), ALEX_KW["convs"]):
-    w, k = spec[0], spec[1]
+  for i, w, k in convs:
     sd[f"features.{i}.weight"] = rng.normal(size=(w, cin, k, k)).astype(np.float32) * 0.1
     sd[f"features.{i}.bias"] = rng.normal(size=(w,)).astype(np.float32)
     cin = w
-  dims = [cin * 6 * 6, 16, 16, classes]
-  for (name, i), (a, b) in zip(ALEX_FC.items(), zip(dims[:-1], dims[1:])):
+  dims = [cin * pool * pool, 16, 16, classes]
+  for i, (a, b) in zip(fcs, zip(dims[:-1], dims[1:])):
     sd[f"classifier.{i}.weight"] = rng.normal(size=(b, a)).astype(np.float32) * 0.1
     sd[f"classifier.{i}.bias"] = rng.normal(size=(b,)).astype(np.float32)
-  return sd, (cin, 6, 6)
+  return sd, (cin, pool, pool)
+
+
+def _vgg_state_dict(rng, classes=10):
+  widths = [w for stage in VGG_KW["stages"] for w in stage]
+  convs = [(i, w, 3) for i, w in zip(VGG_CONVS.values(), widths)]
+  return _state_dict(rng, convs, VGG_FC.values(), 7, classes)
+
+
+def _alexnet_state_dict(rng, classes=10):
+  convs = [(i, spec[0], spec[1]) for i, spec in zip(ALEX_CONVS.values(), ALEX_KW["convs"])]
+  return _state_dict(rng, convs, ALEX_FC.values(), 6, classes)
 
 
 def _check_loaded(params, sd, convs, fc, chw, rng):
