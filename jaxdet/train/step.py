@@ -159,7 +159,7 @@ def guarded_train_step(carry: tuple[TrainState, dict[str, jax.Array]], batch: Ba
       params=keep(new_state.params, state.params),
       opt_state=keep(new_state.opt_state, state.opt_state),
       model_state=keep(new_state.model_state, state.model_state))
-  padded = jnp.full((MAX_GUARD_METRICS,), jnp.nan, jnp.float32).at[:len(names)].set(values)
+  padded = jnp.zeros((MAX_GUARD_METRICS,), jnp.float32).at[:len(names)].set(values)
   guard = {"bad_step": jnp.where(first, new_state.step, guard["bad_step"]),
            "bad_metrics": jnp.where(first, padded, guard["bad_metrics"]),
            "bad_update": jnp.where(first, jnp.logical_not(update_ok), guard["bad_update"]),
