@@ -44,7 +44,8 @@ class Runner:
   jaxdet.train.step.guarded_train_step, which refuses non-finite updates and records them in
   the guard.
   """
-  step: Callable[[Any, Any, Any], tuple[Any, Any]]   # (carry, batch, rng) -> (carry, metrics)
+  step: Callable[[Any, Any, Any], tuple[Any, Any]]   # (carry, batch, rng) -> (carry, metrics
+                                                      # {name: f32[]}, one copy)
   put_state: Callable[[Any], Any]                     # TrainState -> carry, with a fresh guard
   put_batch: Callable[[Any], Any]
   put_rng: Callable[[Any], Any]
@@ -68,7 +69,13 @@ def make_runner(system: System, mode: str = "shard_map", *, donate: bool = True,
                   lambda b: parallel.shard_batch(b, mesh), replicate,
                   lambda c: c[0], lambda c: c[1])
   if mode == "pmap":
-    return Runner(parallel.pmap_step(step, donate=donate),
+    pmapped = parallel.pmap_step(step, donate=donate)
+
+    def pmap_step(carry, batch, rng):   # metrics are averaged over the devices: one copy
+      carry, metrics = pmapped(carry, batch, rng)
+      return carry, parallel.unreplicate(metrics)
+
+    return Runner(pmap_step,
                   lambda s: parallel.put_replicated((s, init_guard())),
                   parallel.split_for_pmap, parallel.put_replicated,
                   lambda c: parallel.unreplicate(c[0]), lambda c: parallel.unreplicate(c[1]))

@@ -27,12 +27,13 @@ def run(mode: str | None, config, system, batches):
     step = jax.jit(make_steps(system)[0])
     for b in batches:
       state, _ = step(state, b, rng)
-    return state.params
+    return state.params, []
   runner = loop.make_runner(system, mode)
   dstate, drng = runner.put_state(state), runner.put_rng(rng)
   for b in batches:
-    dstate, _ = runner.step(dstate, runner.put_batch(b), drng)
-  return runner.get_state(dstate).params
+    dstate, metrics = runner.step(dstate, runner.put_batch(b), drng)
+  shapes = sorted({tuple(np.shape(v)) for v in jax.device_get(metrics).values()})
+  return runner.get_state(dstate).params, shapes
 
 
 def main():
@@ -40,10 +41,10 @@ def main():
                          "optimizer.grad_clip_norm": 1.0, "train.batch_size": 8})
   system = build(config)
   batches = [toy_batch(i, 0, 8) for i in range(3)]
-  one = run(None, config, system, batches)
+  one, _ = run(None, config, system, batches)
   out = {"devices": jax.device_count()}
   for mode in ("shard_map", "pmap"):
-    params = run(mode, config, system, batches)
+    params, out[mode + "_metric_shapes"] = run(mode, config, system, batches)
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
                                    one, params)
     out[mode] = max(jax.tree_util.tree_leaves(diffs))

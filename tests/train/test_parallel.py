@@ -9,3 +9,5 @@ def test_shard_map_and_pmap_match_one_device():
   assert out["moved"] > 1e-3            # training changed the parameters
   assert out["shard_map"] < 1e-5, out   # Adam steps of lr 0.01: float32 reduction order only
   assert out["pmap"] < 1e-5, out
+  # the loop logs float(metric): one scalar per metric under both wrappers, not one per device
+  assert out["shard_map_metric_shapes"] == out["pmap_metric_shapes"] == [[]], out
