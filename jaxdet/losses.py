@@ -282,6 +282,152 @@ def giou_loss(pred_boxes: Array, target_boxes: Array, mask: Array | None = None)
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss terms: what `config.model.loss.<term>` names
+#
+# Every system's loss is a weighted sum of named terms (`loss/<term>` in the metrics); each term
+# is a function of one of three kinds, chosen in the config by a name of TERMS[kind] or by a
+# dotted path "package.module:function" to a function of the same signature (`resolve_term`).
+# A term returns a per-element loss, 0 outside the mask (whatever the inputs hold there, NaN
+# included, with zero gradients); the system reduces it (its own normaliser) and weights it by
+# `config.model.loss.<term>_weight`. The signatures, one per kind:
+#
+#   "class":  fn(logits f32[N, K], labels i32[N], mask bool[N]) -> f32[N]
+#             K-way classification; labels in [0, K) where the mask is True (background, when
+#             the system has one, is class 0).
+#   "binary": fn(predictions f32[N], targets f32[N], mask bool[N]) -> f32[N]
+#             one score per element against a target in [0, 1] (RPN objectness as a logit,
+#             YOLO's confidences as raw values).
+#   "box":    fn(predictions f32[N, 4], targets f32[N, 4], mask bool[N], *, decode) -> f32[N]
+#             the system's box codes (deltas, window-relative or cell-relative coordinates),
+#             summed over the 4 coordinates; `decode(codes f32[N, 4]) -> f32[N, 4]` gives the
+#             (x1, y1, x2, y2) boxes of codes (in any common frame), for losses on boxes (GIoU).
+
+
+def softmax_focal(logits: Array, labels: Array, mask: Array | None = None, *,
+                  gamma: float = 2.0) -> Array:
+  """Focal loss (Lin et al. 2017) on the softmax: -(1 - p_y)^gamma log p_y, per example.
+
+  Args and returns as `softmax_cross_entropy` (a "class" term).
+  """
+  nll = softmax_cross_entropy(logits, labels, mask)
+  return _apply_mask(jnp.power(-jnp.expm1(-nll), gamma) * nll, mask)
+
+
+def squared_error_onehot(logits: Array, labels: Array, mask: Array | None = None) -> Array:
+  """sum_k (logits_k - [k == label])^2 per example: YOLO v1's class term (the outputs are
+  regressed onto the one-hot class probabilities). A "class" term."""
+  checks.check_array("logits", logits, ndim=range(1, 9), dtype_kind="f")
+  checks.check_array("labels", labels, dtype_kind="iu", shape=logits.shape[:-1])
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  row = None if mask is None else mask[..., None]
+  return jnp.sum(l2(logits.astype(jnp.float32), onehot, row), axis=-1)
+
+
+def sigmoid_focal(logits: Array, targets: Array, mask: Array | None = None, *,
+                  alpha: float = 0.25, gamma: float = 2.0) -> Array:
+  """RetinaNet's sigmoid focal loss (Lin et al. 2017, as torchvision.ops.sigmoid_focal_loss):
+  alpha_t (1 - p_t)^gamma BCE, per element. A "binary" term (alpha < 0: no alpha weighting)."""
+  ce = sigmoid_binary_cross_entropy(logits, targets, mask)
+  p = jax.nn.sigmoid(_sanitize(logits.astype(jnp.float32), mask))
+  t = _sanitize(targets.astype(jnp.float32), mask)
+  p_t = p * t + (1.0 - p) * (1.0 - t)
+  loss = ce * jnp.power(1.0 - p_t, gamma)
+  if alpha >= 0:
+    loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
+  return _apply_mask(loss, mask)
+
+
+def squared_error(predictions: Array, targets: Array, mask: Array | None = None) -> Array:
+  """(prediction - target)^2 per element: YOLO v1's confidence terms. A "binary" term."""
+  return l2(predictions, targets, mask)
+
+
+def box_smooth_l1(predictions: Array, targets: Array, mask: Array, *, decode=None) -> Array:
+  """Smooth L1 (beta 1, Fast R-CNN) summed over the 4 codes, per box. A "box" term."""
+  del decode
+  return jnp.sum(smooth_l1(predictions, targets, mask[..., None], beta=1.0), axis=-1)
+
+
+def box_smooth_l1_rpn(predictions: Array, targets: Array, mask: Array, *, decode=None
+                      ) -> Array:
+  """Smooth L1 with beta 1/9 (py-faster-rcnn's sigma 3 for the RPN, as torchvision) summed
+  over the 4 codes, per box. A "box" term."""
+  del decode
+  return jnp.sum(smooth_l1(predictions, targets, mask[..., None], beta=1.0 / 9.0), axis=-1)
+
+
+def box_l1(predictions: Array, targets: Array, mask: Array, *, decode=None) -> Array:
+  """Absolute error summed over the 4 codes, per box. A "box" term."""
+  del decode
+  return jnp.sum(smooth_l1(predictions, targets, mask[..., None], beta=0.0), axis=-1)
+
+
+def box_l2(predictions: Array, targets: Array, mask: Array, *, decode=None) -> Array:
+  """Squared error summed over the 4 codes, per box (R-CNN's ridge objective, the
+  localization-as-regression L2, YOLO's coordinates). A "box" term."""
+  del decode
+  return jnp.sum(l2(predictions, targets, mask[..., None]), axis=-1)
+
+
+def box_giou(predictions: Array, targets: Array, mask: Array, *, decode) -> Array:
+  """1 - GIoU of the boxes that the predicted and the target codes decode to; the target
+  boxes are constants (`stop_gradient`). A "box" term."""
+  row = mask[..., None]
+  pred = decode(_sanitize(predictions.astype(jnp.float32), row))
+  target = decode(jax.lax.stop_gradient(_sanitize(targets.astype(jnp.float32), row)))
+  return giou_loss(pred, target, mask)
+
+
+# kind -> {name: function}; the built-in choices of `config.model.loss.<term>`.
+TERMS: dict[str, dict[str, Callable]] = {
+    "class": {"softmax_cross_entropy": softmax_cross_entropy, "softmax_focal": softmax_focal,
+              "squared_error_onehot": squared_error_onehot},
+    "binary": {"sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
+               "sigmoid_focal": sigmoid_focal, "squared_error": squared_error},
+    "box": {"smooth_l1": box_smooth_l1, "smooth_l1_rpn": box_smooth_l1_rpn, "l1": box_l1,
+            "l2": box_l2, "giou": box_giou},
+}
+
+
+def resolve_term(spec, kind: str, *, where: str = "loss") -> Callable:
+  """The function of a loss term: a name of `TERMS[kind]`, a "package.module:function" path,
+  or a callable (returned as is).
+
+  Args:
+    spec: the value of `config.model.loss.<term>`.
+    kind: "class", "binary" or "box" (the signatures above).
+    where: the config key, for error messages.
+  Raises:
+    ValueError for an unknown kind or name (listing the known names) or a path that does not
+    resolve to a callable (naming the module or the attribute that is missing).
+  """
+  if kind not in TERMS:
+    raise ValueError(f"{where}: unknown kind of loss term {kind!r}; expected one of "
+                     f"{sorted(TERMS)}")
+  if callable(spec):
+    return spec
+  if not isinstance(spec, str):
+    raise TypeError(f"{where}: expected a name, a 'package.module:function' path or a "
+                    f"callable, got {spec!r}")
+  if spec in TERMS[kind]:
+    return TERMS[kind][spec]
+  if ":" not in spec:
+    raise ValueError(f"{where}: unknown {kind} loss {spec!r}; expected one of "
+                     f"{sorted(TERMS[kind])} or a 'package.module:function' path")
+  import importlib
+  module_name, fn_name = spec.split(":", 1)
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"{where}: cannot import module {module_name!r} of {spec!r}: {e}") from e
+  fn = getattr(module, fn_name, None)
+  if not callable(fn):
+    raise ValueError(f"{where}: module {module_name!r} has no function {fn_name!r} "
+                     f"(from {spec!r})")
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------
 # YOLO v1
 
 

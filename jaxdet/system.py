@@ -56,10 +56,12 @@ class System:
       global batch. Means over images (fixed count per device) need nothing. Outside the axis
       these helpers are the one-device computation, so the signature has no axis argument.
     predict: (variables, batch) -> Detections dict (see module docstring), in eval mode.
-    extras: system-specific callables or constants (e.g. post-training transforms).
-      Known keys: "eval_metrics", a host function (gts, dets) -> {name: float} whose scores
-      evaluation adds to VOC/COCO (e.g. the localization accuracy of the ILSVRC criterion);
-      "eval_metric_names", the tuple of the names it returns, so that a run can check
+    extras: the system's own parts for experiments and tools: a frozen dataclass defined in
+      the detector's module (e.g. `fast_rcnn.Extras`, with its `settings`, `network` and
+      callables such as `truncated_svd`), read by attribute; None when it has none.
+    eval_metrics: optional host function (gts, dets) -> {name: float} whose scores evaluation
+      adds to VOC/COCO (e.g. the localization accuracy of the ILSVRC criterion).
+    eval_metric_names: the names `eval_metrics` returns, so that a run can check
       `checkpoint.best_metric` before its first step (jaxdet.train.preflight).
     param_labels: optional params -> pytree of the same structure with "train" or "frozen"
       at each leaf; the optimizer (jaxdet.train.optim, via optax.multi_transform) leaves
@@ -71,5 +73,7 @@ class System:
   init: Callable[[Array, Batch], Variables]
   loss: Callable[[Variables, Batch, Array], tuple[Array, dict[str, Array], dict[str, Any]]]
   predict: Callable[[Variables, Batch], dict[str, Array]]
-  extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  extras: Any = None
   param_labels: Callable[[Any], Any] | None = None
+  eval_metrics: Callable[[Any, Any], dict[str, float]] | None = None
+  eval_metric_names: tuple[str, ...] = ()

@@ -7,7 +7,7 @@ parameters {"conv", "fc", "head"} carry the conv and fc weights the detectors st
 
 `predict` classifies the crops of the ground-truth boxes: one detection per real object (its
 own box, the argmax class, the class probability), so `classification_metrics` (also
-`System.extras["eval_metrics"]`) reads the accuracy off the detections; VOC mAP over these
+`System.eval_metrics`) reads the accuracy off the detections; VOC mAP over these
 detections measures classification given perfect boxes.
 """
 
@@ -124,5 +124,5 @@ def build_system(config: Any) -> System:
             "valid": mask}
 
   return System(name="classify", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "eval_metrics": classification_metrics,
-                        "eval_metric_names": ("accuracy",)})
+                extras={"network": net}, eval_metrics=classification_metrics,
+                eval_metric_names=("accuracy",))

@@ -15,7 +15,7 @@ one shared set. Slot k's ground truth is the k-th real object in the order of bo
 then y), padding slots are masked out of the loss.
 
 Evaluation: `predict` returns K detections per image (slot k's box of its argmax class, scored
-by the class probability); `localization_metrics` (also `System.extras["eval_metrics"]`)
+by the class probability); `localization_metrics` (also `System.eval_metrics`)
 computes classification accuracy and the ILSVRC localization criterion (right class and
 IoU >= 0.5) on the host.
 """
@@ -315,5 +315,5 @@ def build_system(config: Any) -> System:
         logits, coords, batch["image_size"])
 
   return System(name="localization", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "eval_metrics": localization_metrics,
-                        "eval_metric_names": LOCALIZATION_METRIC_NAMES})
+                extras={"network": net}, eval_metrics=localization_metrics,
+                eval_metric_names=LOCALIZATION_METRIC_NAMES)

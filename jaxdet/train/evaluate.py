@@ -27,7 +27,7 @@ import numpy as np
 from jaxdet.train import parallel
 
 # The metrics evaluate_variables reports for every system; a system's own
-# (System.extras["eval_metrics"]) add the names of its extras["eval_metric_names"].
+# (System.eval_metrics) add the names of its System.eval_metric_names.
 METRIC_NAMES = ("voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images")
 
 # What scoring needs of a batch besides the detections (gathered from every process).
@@ -185,7 +185,7 @@ def evaluate_variables(predict: Callable[[Any, Any], Any], variables: Any, loade
 
   Args:
     extra_metrics: a system's own host-side scores `(gts, dets) -> {name: float}` (its
-      `System.extras["eval_metrics"]`, e.g. localization accuracy), added to the result.
+      `System.eval_metrics`, e.g. localization accuracy), added to the result.
     dump: also write the detections to this JSON Lines file (`write_detections`; process 0).
     mesh: the devices to predict on (default: every device of every process).
   Returns:

@@ -103,7 +103,7 @@ def _eval(config: Any, system: System, state: TrainState, make_loader, data,
                  seed=int(config.seed), train=False, data=data)
   return evaluate_variables(system.predict, state.variables, loader, system.num_classes,
                             max_batches=max_batches,
-                            extra_metrics=system.extras.get("eval_metrics"))
+                            extra_metrics=system.eval_metrics)
 
 
 def _due(step: int, every: int) -> bool:
@@ -324,7 +324,7 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
                  seed=int(config.seed), train=False, data=(examples, class_names))
   state = restore_for_inference(config, workdir, system, setup.peek(loader))
   metrics = evaluate_variables(system.predict, state.variables, loader, system.num_classes,
-                               extra_metrics=system.extras.get("eval_metrics"), dump=dump)
+                               extra_metrics=system.eval_metrics, dump=dump)
   print(f"step {int(state.step)}: " + files.dumps(metrics), flush=True)   # before the write
   write_eval_json(workdir, int(state.step), metrics)
   return metrics

@@ -36,14 +36,13 @@ def eval_metric_names(system: System) -> tuple[str, ...] | None:
   """The names of the metrics evaluation reports for `system`.
 
   Returns:
-    jaxdet.train.evaluate.METRIC_NAMES plus the system's `extras["eval_metric_names"]`; None
-    when the system has `extras["eval_metrics"]` but does not declare their names (then the
-    names are known only after an evaluation).
+    jaxdet.train.evaluate.METRIC_NAMES plus the system's `eval_metric_names`; None when the
+    system has `eval_metrics` but does not declare their names (then the names are known only
+    after an evaluation).
   """
-  extras = system.extras or {}
-  if extras.get("eval_metrics") is not None and "eval_metric_names" not in extras:
+  if system.eval_metrics is not None and not system.eval_metric_names:
     return None
-  return tuple(METRIC_NAMES) + tuple(extras.get("eval_metric_names", ()))
+  return tuple(METRIC_NAMES) + tuple(system.eval_metric_names)
 
 
 def _whole(key: str, value: Any, minimum: int, fix: str = "") -> int:

@@ -93,13 +93,13 @@ def test_declared_metric_names_are_what_evaluation_reports(rng):
   from jaxdet.train.evaluate import METRIC_NAMES, evaluate_variables
   config = toy_system.toy_config()
   system = toy_system.build(config)
-  system = dataclasses.replace(system, extras={"eval_metrics": localization_metrics,
-                                               "eval_metric_names": LOCALIZATION_METRIC_NAMES})
+  system = dataclasses.replace(system, eval_metrics=localization_metrics,
+                                eval_metric_names=LOCALIZATION_METRIC_NAMES)
   batch = toy_system.toy_batch(0, 0, 4)
   variables = system.init(np.zeros(2, np.uint32), batch)
   loader = toy_system.ToyLoader(4, 0, train=False)
   scores = evaluate_variables(system.predict, variables, loader, system.num_classes,
-                              extra_metrics=system.extras["eval_metrics"])
+                              extra_metrics=system.eval_metrics)
   assert sorted(scores) == sorted(preflight.eval_metric_names(system))
   assert set(METRIC_NAMES) < set(scores)
   gts = [{"boxes": np.float32([[0, 0, 4, 4]]), "labels": np.int32([1])}]
@@ -109,7 +109,7 @@ def test_declared_metric_names_are_what_evaluation_reports(rng):
   cls_config.model = {"backbone": "tiny"}
   assert preflight.eval_metric_names(setup.system_from_config(cls_config))[-1] == "accuracy"
   # A system with extra metrics but no declared names: best_metric cannot be checked early.
-  undeclared = dataclasses.replace(system, extras={"eval_metrics": localization_metrics})
+  undeclared = dataclasses.replace(system, eval_metric_names=())
   assert preflight.eval_metric_names(undeclared) is None
   preflight.check_best_metric("anything", undeclared)
 

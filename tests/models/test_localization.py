@@ -133,7 +133,7 @@ def test_system_shapes_params_and_jit(head_at):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
   dets = jax.jit(system.predict)(v, batch)
   assert dets["boxes"].shape == (2, 2, 4) and dets["valid"].all()
-  assert system.extras["eval_metrics"] is loc.localization_metrics
+  assert system.eval_metrics is loc.localization_metrics
 
 
 @pytest.mark.parametrize("detach", [False, True])

@@ -1,4 +1,4 @@
-"""A system's own host-side scores (System.extras["eval_metrics"]) reach the evaluation result."""
+"""A system's own host-side scores (System.eval_metrics) reach the evaluation result."""
 
 import numpy as np
 
