@@ -59,6 +59,13 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
       # drop that update, count it (skipped_steps), stop after max_consecutive_skips in a row.
       "on_nonfinite": "stop",
       "max_consecutive_skips": 10,
+      # Several seeds in one program: N independent replicas (replica i from seed seed + i:
+      # init and step randomness) trained by one jitted step on the same batches (the data
+      # order is `seed`'s). Logged training metrics are the means over replicas; each eval
+      # score NAME is the mean, NAME/std the sample std (ddof=1), NAME/seed{i} replica i's;
+      # checkpoint.best_metric follows the mean. 1 = one run. Not for the multi-stage
+      # pipelines (rcnn, faster_rcnn "alternating").
+      "num_seeds": 1,
   })
 
 

@@ -3,7 +3,8 @@
 A checkpoint directory holds one subdirectory per saved step with three items:
   state:  the TrainState's arrays (step, params, opt_state, model_state) and the PRNG key;
   loader: the data loader's `get_state()` (JSON), so a resumed run sees the same batches;
-  meta:   {"system", "fingerprint", "model"} identifying the model the state belongs to, and
+  meta:   {"system", "fingerprint", "model"} identifying the model the state belongs to (and
+          "num_seeds" when the state holds several stacked replicas, train.num_seeds > 1), and
           {"arrays": {path: [dtype, shape, sha256]}, "loader_sha256"}: digests of what was saved.
 orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact.
@@ -142,8 +143,8 @@ class Checkpoints:
 
   Args:
     directory: where the step subdirectories go (created if missing, unless read_only).
-    meta: {"system": name, "model": model-defining config dict}; stored with every checkpoint
-      and compared on restore.
+    meta: {"system": name, "model": model-defining config dict, optionally "num_seeds": N > 1
+      replicas stacked in the state}; stored with every checkpoint and compared on restore.
     keep: how many of the latest checkpoints to keep (at least the newest is always kept).
     best_metric: an eval metric name; the checkpoint with the best value is kept as well
       ("" = none).
@@ -158,6 +159,8 @@ class Checkpoints:
     self._ocp = ocp
     self.meta = {"system": meta["system"], "model": meta.get("model", {}),
                  "fingerprint": fingerprint(meta)}
+    if int(meta.get("num_seeds", 1)) != 1:
+      self.meta["num_seeds"] = int(meta["num_seeds"])
     if best_metric and best_mode not in ("max", "min"):
       raise ValueError(f"checkpoint.best_mode: expected 'max' or 'min', got {best_mode!r}")
     self.directory = os.path.abspath(str(directory))
@@ -261,8 +264,10 @@ class Checkpoints:
     """Raises CheckpointMismatchError if checkpoint `step` belongs to another model."""
     saved = self._read_meta(step) if saved is None else saved
     if saved["system"] != self.meta["system"] or saved["fingerprint"] != self.meta["fingerprint"]:
-      diff = _diff({"system": saved["system"], "model": saved.get("model", {})},
-                   {"system": self.meta["system"], "model": self.meta["model"]})
+      diff = _diff({"system": saved["system"], "model": saved.get("model", {}),
+                    "train.num_seeds": saved.get("num_seeds", 1)},
+                   {"system": self.meta["system"], "model": self.meta["model"],
+                    "train.num_seeds": self.meta.get("num_seeds", 1)})
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step}: it was written for another model "
           f"(system {saved['system']!r}, fingerprint {saved['fingerprint']}) than the one "

@@ -13,11 +13,18 @@ along axis 0 over the mesh "data", variables replicated); detections and ground 
 gathered to the processes, process 0 scores them and shares the scores with the others, so
 each process returns the same numbers, equal to one-device evaluation. With several
 processes each one's loader yields its part of every global batch (Loader's `shard`).
+
+Several seeds (train.num_seeds = N > 1; variables stacked along a leading axis): one pass over
+the data with `predict` vmapped over the replicas, each replica scored on its own, and every
+score reported as (`seed_summary`) NAME = the mean over the replicas, NAME/std = their sample
+standard deviation (ddof=1), NAME/seed{i} = replica i's (seed config.seed + i); images_per_s
+(of the N-replica predict) and num_images are reported once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -49,7 +56,8 @@ def _pad_to(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray
 
 
 def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: Any, *,
-                    max_batches: int = -1, mesh: Any = None) -> tuple[list, list, float, int]:
+                    max_batches: int = -1, mesh: Any = None, num_seeds: int | None = None
+                    ) -> tuple[list, list, float, int]:
   """Detections and ground truth of every real image of `loader`, over all devices.
 
   Args:
@@ -60,12 +68,15 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
     max_batches: stop after this many batches (-1 = all).
     mesh: the devices to predict on (default: parallel.data_mesh(), every device of every
       process); each process's batch is padded to a multiple of its devices.
+    num_seeds: None: `variables` is one model's. N: N replicas stacked along a leading axis
+      of every leaf (train.num_seeds), predicted at once by `predict` vmapped over them.
   Returns:
     (gts, dets, seconds, num_images): per-image dicts (jaxdet.eval.detections format) in the
     original images' pixels, each detection dict also with "image_id" (the dataset's) and
     "size" (height, width) of the original image, of the whole split on process 0 (empty
-    lists on the others); the wall time of the predict calls (compilation excluded) and the
-    number of images scored (on every process).
+    lists on the others); with num_seeds, dets is a list of N such lists (replica i's at i);
+    the wall time of the predict calls (compilation excluded) and the number of images scored
+    (on every process).
   """
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -75,10 +86,16 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
   mesh = parallel.data_mesh() if mesh is None else mesh
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   variables = parallel.replicate_on(variables, mesh)
-  jitted = jax.jit(predict, out_shardings=NamedSharding(mesh, P(parallel.AXIS)))
+  if num_seeds is None:
+    jitted = jax.jit(predict, out_shardings=NamedSharding(mesh, P(parallel.AXIS)))
+  else:   # [N, B, ...]: replicas along axis 0, the batch split over the devices
+    jitted = jax.jit(jax.vmap(predict, in_axes=(0, None)),
+                     out_shardings=NamedSharding(mesh, P(None, parallel.AXIS)))
+  seeds = [None] if num_seeds is None else list(range(num_seeds))
   compiled: dict[Any, Any] = {}
   leader = jax.process_index() == 0
-  gts, dets, seconds, count = [], [], 0.0, 0
+  gts, seconds, count = [], 0.0, 0
+  dets: list[list] = [[] for _ in seeds]
   for i, batch in enumerate(loader):
     if 0 <= max_batches <= i:
       break
@@ -98,7 +115,9 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
                                            tiled=True)
     real = np.asarray(gt["example_mask"])
     if leader:
-      batch_dets = to_original_pixels(unbatch_detections(out), gt)
+      batch_dets = [to_original_pixels(unbatch_detections(
+          out if s is None else jax.tree_util.tree_map(lambda x, s=s: x[s], out)), gt)
+                    for s in seeds]
       batch_gts = to_original_pixels(unbatch_ground_truth(gt), gt)
       sizes = gt.get("orig_size", gt.get("image_size"))    # [B, 2] original (h, w)
       if sizes is None:                                     # no resize recorded
@@ -108,13 +127,14 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
         if annotated is not None:
           index = int(gt["index"][j]) if "index" in gt else count
           batch_gts[j] = _dataset_gt(annotated, index, image_id)
-        dets.append({**batch_dets[j], "image_id": image_id,
-                     "size": tuple(int(v) for v in sizes[j])})
+        for seed_dets, replica in zip(dets, batch_dets):
+          seed_dets.append({**replica[j], "image_id": image_id,
+                            "size": tuple(int(v) for v in sizes[j])})
         gts.append(batch_gts[j])
         count += 1
     else:
       count += int(real.sum())
-  return gts, dets, seconds, count
+  return gts, dets[0] if num_seeds is None else dets, seconds, count
 
 
 def annotated_source(loader: Any) -> Any:
@@ -177,33 +197,62 @@ def score(gts: list, dets: list, num_classes: int) -> dict[str, float]:
           "coco_AP50": float(coco["AP50"]), "coco_AP75": float(coco["AP75"])}
 
 
+def seed_summary(per_seed: list[dict[str, float]]) -> dict[str, float]:
+  """The scores of N replicas as one dict: for each name, NAME = the mean over the replicas,
+  NAME/std = their sample standard deviation (ddof=1; 0 for N = 1), NAME/seed{i} = replica
+  i's. A non-finite score of any replica makes the mean and std non-finite."""
+  out = {}
+  for name in per_seed[0]:
+    values = np.asarray([float(m[name]) for m in per_seed], np.float64)
+    out[name] = float(values.mean())
+    out[f"{name}/std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out.update({f"{name}/seed{i}": float(v) for i, v in enumerate(values)})
+  return out
+
+
+def seed_path(path: str, seed: int) -> str:
+  """PATH.jsonl -> PATH.seed{seed}.jsonl: where replica `seed`'s detections are dumped."""
+  stem, ext = os.path.splitext(path)
+  return f"{stem}.seed{seed}{ext}"
+
+
 def evaluate_variables(predict: Callable[[Any, Any], Any], variables: Any, loader: Any,
                        num_classes: int, *, max_batches: int = -1,
                        extra_metrics: Callable[[list, list], dict[str, float]] | None = None,
-                       dump: str | None = None, mesh: Any = None) -> dict[str, float]:
+                       dump: str | None = None, mesh: Any = None,
+                       num_seeds: int | None = None) -> dict[str, float]:
   """Scores of `variables` on the loader's images, with throughput.
 
   Args:
     extra_metrics: a system's own host-side scores `(gts, dets) -> {name: float}` (its
       `System.eval_metrics`, e.g. localization accuracy), added to the result.
-    dump: also write the detections to this JSON Lines file (`write_detections`; process 0).
+    dump: also write the detections to this JSON Lines file (`write_detections`; process 0);
+      with num_seeds, replica i's to `seed_path(dump, i)`.
     mesh: the devices to predict on (default: every device of every process).
+    num_seeds: None: one model. N: `variables` holds N replicas stacked along a leading axis
+      (train.num_seeds); each is scored and the scores summarised by `seed_summary`.
   Returns:
     {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}
-    plus the names `extra_metrics` returns.
+    plus the names `extra_metrics` returns; with num_seeds each score (not images_per_s,
+    num_images) as NAME (mean), NAME/std and NAME/seed{i}.
   """
   gts, dets, seconds, count = predict_dataset(predict, variables, loader,
-                                              max_batches=max_batches, mesh=mesh)
+                                              max_batches=max_batches, mesh=mesh,
+                                              num_seeds=num_seeds)
   if count == 0:
     raise ValueError("eval loader: expected at least one real image (example_mask), got none")
   metrics = None
   if jax.process_index() == 0:   # scores the gathered detections, shares them
-    if dump:
-      write_detections(dump, dets,
-                       getattr(getattr(loader, "source", None), "class_names", None))
-    metrics = score(gts, dets, num_classes)
-    if extra_metrics is not None:
-      metrics.update({k: float(v) for k, v in extra_metrics(gts, dets).items()})
+    names = getattr(getattr(loader, "source", None), "class_names", None)
+    per_seed = []
+    for i, replica in enumerate([dets] if num_seeds is None else dets):
+      if dump:
+        write_detections(dump if num_seeds is None else seed_path(dump, i), replica, names)
+      scores = score(gts, replica, num_classes)
+      if extra_metrics is not None:
+        scores.update({k: float(v) for k, v in extra_metrics(gts, replica).items()})
+      per_seed.append(scores)
+    metrics = per_seed[0] if num_seeds is None else seed_summary(per_seed)
   metrics = share_from_leader(metrics)
   metrics["images_per_s"] = count / max(seconds, 1e-9)
   metrics["num_images"] = float(count)

@@ -10,6 +10,14 @@ non-finite loss terms, "skip" drops the update and stops after `train.max_consec
 in a row); nothing non-finite is saved; a corrupt latest checkpoint is set aside and the
 newest good one restored (jaxdet.train.checkpoint); the final state is saved before the final
 evaluation, so a failing evaluation loses no training.
+
+Several seeds in one program (`train.num_seeds` = N > 1): N replicas, replica i from seed
+config.seed + i, trained at once by one jitted step (jaxdet.train.step.seeds_train_step) on
+the same batches (the data order is config.seed's); the logged training metrics are the means
+over the replicas; every eval score is reported as NAME (the mean), NAME/std and NAME/seed{i}
+(jaxdet.train.evaluate.seed_summary), and checkpoint.best_metric follows the mean. The stacked
+state is checkpointed and resumed as one; a non-finite replica stops (or skips) the step of
+all and the error names it.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from jaxdet.system import System
 from jaxdet.train import parallel, setup
 from jaxdet.train import preflight
 from jaxdet.train.evaluate import evaluate_variables
-from jaxdet.train.state import TrainState
+from jaxdet.train.state import TrainState, select_replica
 from jaxdet.train.step import (NonFiniteError, guard_report, init_guard, make_guarded_step,
                                make_steps)  # noqa: F401 (make_steps: re-exported)
 from jaxdet.train.writers import MetricWriter, Progress
@@ -54,13 +62,16 @@ class Runner:
 
 
 def make_runner(system: System, mode: str = "shard_map", *, donate: bool = True,
-                on_nonfinite: str = "stop", max_consecutive_skips: int = 10) -> Runner:
+                on_nonfinite: str = "stop", max_consecutive_skips: int = 10,
+                num_seeds: int = 1) -> Runner:
   """The data-parallel step over all devices: mode "shard_map" (a mesh) or "pmap".
 
   on_nonfinite, max_consecutive_skips: what the step does with a non-finite update (config
     keys train.on_nonfinite and train.max_consecutive_skips; see guarded_train_step).
+  num_seeds: train.num_seeds; > 1: the state holds that many stacked replicas, vmapped inside
+    the step (the metrics are their means).
   """
-  step = make_guarded_step(system, on_nonfinite, max_consecutive_skips)
+  step = make_guarded_step(system, on_nonfinite, max_consecutive_skips, num_seeds)
   if mode == "shard_map":
     mesh = parallel.data_mesh()
     replicate = functools.partial(parallel.replicate_on, mesh=mesh)
@@ -103,7 +114,13 @@ def _eval(config: Any, system: System, state: TrainState, make_loader, data,
                  seed=int(config.seed), train=False, data=data)
   return evaluate_variables(system.predict, state.variables, loader, system.num_classes,
                             max_batches=max_batches,
-                            extra_metrics=system.eval_metrics)
+                            extra_metrics=system.eval_metrics, num_seeds=_seeds_arg(config))
+
+
+def _seeds_arg(config: Any) -> int | None:
+  """evaluate_variables' num_seeds: None for one seed, else train.num_seeds."""
+  n = setup.num_seeds(config)
+  return None if n == 1 else n
 
 
 def _due(step: int, every: int) -> bool:
@@ -122,7 +139,8 @@ def _runner_from_config(config: Any, system: System) -> Runner:
   train = config.train
   return make_runner(system, str(train.get("parallel", "shard_map")),
                      on_nonfinite=str(train.get("on_nonfinite", "stop")),
-                     max_consecutive_skips=train.get("max_consecutive_skips", 10))
+                     max_consecutive_skips=train.get("max_consecutive_skips", 10),
+                     num_seeds=setup.num_seeds(config))
 
 
 def nonfinite_message(report: dict[str, Any], config: Any, learning_rate: float,
@@ -147,6 +165,11 @@ def nonfinite_message(report: dict[str, Any], config: Any, learning_rate: float,
             f"skipped in all); the last: {what}")
   else:
     head = f"step {step}: the training went non-finite (train.on_nonfinite='stop'): {what}"
+  n = setup.num_seeds(config)
+  if n > 1:
+    seed = report.get("seed", 0)
+    head += (f" (in replica {seed} of train.num_seeds={n}, seed {int(config.seed) + seed}: the "
+             f"first non-finite one; no replica was updated)")
   saved = "none yet" if last_checkpoint is None else f"step {last_checkpoint}"
   return (f"{head}. That update was not applied and nothing non-finite was saved (the newest "
           f"checkpoint is {saved}). Lower optimizer.learning_rate, set "
@@ -285,14 +308,37 @@ def _no_checkpoint(workdir: str) -> FileNotFoundError:
                            f"--workdir {workdir}")
 
 
-def restore_for_inference(config: Any, workdir: str, system: System, batch: Any
-                          ) -> TrainState:
-  """The newest good checkpoint of `workdir` as a host-side TrainState (for evaluation).
+def restore_for_inference(config: Any, workdir: str, system: System, batch: Any, *,
+                          replica: int | None = None) -> TrainState:
+  """The newest good checkpoint of `workdir` as a host-side TrainState of one model (for
+  evaluation, detection, export and the multi-stage pipelines).
 
   Reads only: creates, moves and deletes nothing (a corrupt step is skipped with a warning).
+  Args:
+    replica: which of the train.num_seeds > 1 replicas (seed config.seed + replica); None =
+      replica 0, with a warning saying so. A one-seed run has only replica 0.
   Raises:
     FileNotFoundError: `workdir` holds no checkpoint (naming it and the train command).
+    ValueError: `replica` is not one of the run's.
   """
+  n = setup.num_seeds(config)
+  if replica is not None and (isinstance(replica, bool) or not isinstance(replica, int)
+                              or not 0 <= replica < n):
+    raise ValueError(f"replica: expected an int in [0, {n}) (the run's train.num_seeds={n} "
+                     f"replicas), got {replica!r}")
+  state = restore_all_seeds(config, workdir, system, batch)
+  if n == 1:
+    return state
+  if replica is None:
+    replica = 0
+    log.warning("%s holds %d replicas (train.num_seeds); using replica 0 (seed %d); pass "
+                "replica=i to choose another", workdir, n, int(config.seed))
+  return select_replica(state, replica)
+
+
+def restore_all_seeds(config: Any, workdir: str, system: System, batch: Any) -> TrainState:
+  """`restore_for_inference`'s state as saved: with train.num_seeds > 1 every replica,
+  stacked along a leading axis."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise _no_checkpoint(workdir)
   state, rng, _ = setup.init_state(config, system, batch)
@@ -314,7 +360,9 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
   jaxdet.train.evaluate.write_detections).
 
   Returns:
-    {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}.
+    {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}; with
+    train.num_seeds > 1 every replica is scored, each score as NAME (the mean), NAME/std and
+    NAME/seed{i} (jaxdet.train.evaluate.seed_summary; `dump` one file per replica).
   """
   system = setup.system_from_config(config) if system is None else system
   make_loader = setup.default_make_loader() if make_loader is None else make_loader
@@ -322,9 +370,10 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
                            class_names=class_names)
   loader = _make(make_loader, config, config.eval.split, batch_size=int(config.eval.batch_size),
                  seed=int(config.seed), train=False, data=(examples, class_names))
-  state = restore_for_inference(config, workdir, system, setup.peek(loader))
+  state = restore_all_seeds(config, workdir, system, setup.peek(loader))
   metrics = evaluate_variables(system.predict, state.variables, loader, system.num_classes,
-                               extra_metrics=system.eval_metrics, dump=dump)
+                               extra_metrics=system.eval_metrics, dump=dump,
+                               num_seeds=_seeds_arg(config))
   print(f"step {int(state.step)}: " + files.dumps(metrics), flush=True)   # before the write
   write_eval_json(workdir, int(state.step), metrics)
   return metrics

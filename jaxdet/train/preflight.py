@@ -7,7 +7,7 @@ training loop calls `check_train` and evaluation `check_evaluate` first; each er
 config key (or argument), the value and the fix.
 
 What is checked (README, "Mistakes caught before the first step"):
-  config: train.num_steps >= 1; train.batch_size >= 1 and divisible by the device (and host)
+  config: train.num_steps >= 1; train.num_seeds a whole number >= 1; train.batch_size >= 1 and divisible by the device (and host)
     count; train.log_every, eval.every_steps, checkpoint.every_steps >= 0; train.parallel;
     eval.batch_size >= 1; eval.max_batches -1 or >= 1; eval.split; checkpoint.keep >= 1;
     checkpoint.best_mode; checkpoint.best_metric among the system's eval metric names.
@@ -61,6 +61,13 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
                      f"--config.{key}={allowed[0]}")
 
 
+def num_seeds(config: Any) -> int:
+  """config.train.num_seeds (1 when the config has none): the replicas trained at once, a
+  whole number >= 1 (a bool, a string or 0 is an error naming the key)."""
+  return _whole("train.num_seeds", config.train.get("num_seeds", 1), 1,
+                "set --config.train.num_seeds=N with N >= 1 (1 = one run, the default)")
+
+
 def check_best_metric(metric: str, system: System) -> None:
   """checkpoint.best_metric must be "" or a metric evaluation reports for `system`."""
   names = eval_metric_names(system)
@@ -78,6 +85,7 @@ def check_config(config: Any, system: System) -> None:
   """The train, eval and checkpoint sections of a training run's config."""
   train, ev, ck = config.train, config.eval, config.checkpoint
   _whole("train.num_steps", train.num_steps, 1)
+  num_seeds(config)
   batch = _whole("train.batch_size", train.batch_size, 1)
   parallel.check_batch_divisible(batch, jax.device_count())
   if batch % jax.process_count():

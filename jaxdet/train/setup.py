@@ -13,9 +13,9 @@ from typing import Any, Callable
 import jax
 
 from jaxdet.system import System
-from jaxdet.train import optim
+from jaxdet.train import optim, preflight
 from jaxdet.train.checkpoint import Checkpoints
-from jaxdet.train.state import TrainState, create_train_state
+from jaxdet.train.state import TrainState, create_seeded_train_state, create_train_state
 
 MakeLoader = Callable[..., Any]   # jaxdet.data.pipeline.make_loader's signature
 
@@ -36,10 +36,19 @@ def default_make_loader() -> MakeLoader:
   return make_loader
 
 
+def num_seeds(config: Any) -> int:
+  """config.train.num_seeds: how many replicas (seeds config.seed + i) a run trains at once
+  (1 when absent; checked by jaxdet.train.preflight.num_seeds)."""
+  return preflight.num_seeds(config)
+
+
 def model_meta(config: Any, system: System) -> dict[str, Any]:
-  """What identifies the model a checkpoint belongs to: system name, model config, classes."""
-  return {"system": system.name,
+  """What identifies the model a checkpoint belongs to: system name, model config, classes,
+  and the number of seeds when it is more than one (a one-seed meta is unchanged)."""
+  meta = {"system": system.name,
           "model": {**to_dict(config.get("model", {})), "num_classes": system.num_classes}}
+  n = num_seeds(config)
+  return meta if n == 1 else {**meta, "num_seeds": n}
 
 
 def open_checkpoints(config: Any, workdir: str, system: System, *,
@@ -63,11 +72,20 @@ def peek(loader: Any) -> dict[str, Any]:
 
 def init_state(config: Any, system: System, batch: Any
                ) -> tuple[TrainState, jax.Array, optim.Schedule]:
-  """A fresh TrainState at step 0, the run's PRNG key and the learning-rate schedule."""
+  """A fresh TrainState at step 0, the run's PRNG key and the learning-rate schedule.
+
+  With train.num_seeds = N > 1: N replicas stacked along a leading axis, replica i from seed
+  config.seed + i (jaxdet.train.state.create_seeded_train_state), and keys u32[N, 2].
+  """
   num_steps = int(config.train.num_steps)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps,
                                       param_labels=system.param_labels,
                                       batch_size=int(config.train.batch_size))
   batch = {k: v for k, v in batch.items() if k != "example_mask"}
-  state, rng = create_train_state(system, tx, jax.random.PRNGKey(int(config.seed)), batch)
+  n, seed = num_seeds(config), int(config.seed)
+  if n == 1:
+    state, rng = create_train_state(system, tx, jax.random.PRNGKey(seed), batch)
+  else:
+    state, rng = create_seeded_train_state(
+        system, tx, [jax.random.PRNGKey(seed + i) for i in range(n)], batch)
   return state, rng, schedule

@@ -1,7 +1,9 @@
 """The training state: parameters, optimizer state, model state and step.
 
 One pytree carries everything a step changes; a checkpoint of it, the run's PRNG key and the
-data iterator position is a complete description of where training stands.
+data iterator position is a complete description of where training stands. With several seeds
+(train.num_seeds > 1) it carries N replicas stacked along a leading axis
+(`create_seeded_train_state`), checkpointed as it is.
 """
 
 from __future__ import annotations
@@ -72,3 +74,35 @@ def create_train_state(system: System, tx: optax.GradientTransformation, rng: ja
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=tx.init(params), model_state=variables, tx=tx)
   return state, run_rng
+
+
+def create_seeded_train_state(system: System, tx: optax.GradientTransformation,
+                              rngs: list[jax.Array], batch: Batch
+                              ) -> tuple[TrainState, jax.Array]:
+  """N replicas of `create_train_state`, one per key, stacked along a leading seed axis.
+
+  Replica i is exactly `create_train_state(system, tx, rngs[i], batch)`: each is initialised by
+  the same eager `system.init` call as a one-seed run (so host-side loading such as
+  `config.model.init_from` / `pretrained` works unchanged: every replica starts from the same
+  loaded weights, the rest from its own key), then the replicas are stacked.
+
+  Args:
+    rngs: N u32[2] PRNG keys (seed config.seed + i for replica i).
+  Returns:
+    (state, run_rngs): params, opt_state and model_state with a leading axis N, `step` i32[]
+    shared by all; run_rngs u32[N, 2] the replicas' base keys (`create_train_state`'s).
+  """
+  states, keys = zip(*(create_train_state(system, tx, rng, batch) for rng in rngs))
+  stack = lambda *xs: jnp.stack(xs)
+  return states[0].replace(params=jax.tree_util.tree_map(stack, *(s.params for s in states)),
+                           opt_state=jax.tree_util.tree_map(stack,
+                                                            *(s.opt_state for s in states)),
+                           model_state=jax.tree_util.tree_map(
+                               stack, *(s.model_state for s in states))), jnp.stack(keys)
+
+
+def select_replica(state: TrainState, index: int) -> TrainState:
+  """Replica `index` of a stacked state (`create_seeded_train_state`) as a one-seed state."""
+  take = lambda tree: jax.tree_util.tree_map(lambda x: x[index], tree)
+  return state.replace(params=take(state.params), opt_state=take(state.opt_state),
+                       model_state=take(state.model_state))

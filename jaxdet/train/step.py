@@ -9,6 +9,12 @@ numbers. It carries a small guard (a dict of arrays) beside the state; a step wh
 metrics, gradient norm or updated state holds a NaN or an infinity is not applied, and the
 guard keeps the first such step and its metrics on the device until the loop reads them at
 its next log, evaluation or checkpoint (no host round trip per step).
+
+Several seeds in one program (`train.num_seeds` = N > 1): the state holds N independent
+replicas, parameters, optimizer state, model state and the run's key stacked along a leading
+seed axis (jaxdet.train.state.create_seeded_train_state); `seeds_train_step` is `train_step`
+vmapped over that axis, with the batch and the step count shared. The seed axis is a vmap
+inside the step; the data axis (jaxdet.train.parallel) stays outside, around it.
 """
 
 from __future__ import annotations
@@ -84,6 +90,27 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: Loss
   return new_state, metrics
 
 
+def seeds_train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: LossFn,
+                     axis_name: str | None = None
+                     ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` of N replicas at once: vmapped over the leading seed axis.
+
+  Args:
+    state: a stacked TrainState: params, opt_state and model_state with a leading axis N,
+      `step` i32[] shared (jaxdet.train.state.create_seeded_train_state).
+    batch: as for `train_step`; every replica sees the same batch.
+    rng: u32[N, 2] (or key[N]) the replicas' base keys.
+    loss_fn, axis_name: as for `train_step` (the device axis is outside the seed vmap, which
+      is unnamed, so the loss's jaxdet.global_batch helpers see only the data axis).
+  Returns:
+    (new stacked state, metrics {name: f32[N]}): replica i's update is `train_step`'s on
+    replica i's state and key.
+  """
+  axes = state.replace(step=None, params=0, opt_state=0, model_state=0)
+  step = functools.partial(train_step, loss_fn=loss_fn, axis_name=axis_name)
+  return jax.vmap(step, in_axes=(axes, None, 0), out_axes=(axes, 0))(state, batch, rng)
+
+
 class NonFiniteError(FloatingPointError):
   """Training produced a NaN or an infinity (loss, gradients or state), or a state to be
   saved holds one."""
@@ -103,12 +130,13 @@ def init_guard() -> dict[str, np.ndarray]:
        a NaN pad would compare unequal to itself when several processes place the guard),
      "bad_update": bool[] whether the updated state (not only the loss) was non-finite there,
      "skipped": i32[] updates skipped so far ("skip"), "in_a_row": i32[] the current run of
-       skips}.
+       skips, "bad_seed": i32[] with several seeds, the first replica that was non-finite at
+       bad_step (its metrics are bad_metrics); 0 with one}.
   """
   return {"bad_step": np.zeros((), np.int32),     # NumPy: placing it compiles nothing
           "bad_metrics": np.zeros((MAX_GUARD_METRICS,), np.float32),
           "bad_update": np.zeros((), bool), "skipped": np.zeros((), np.int32),
-          "in_a_row": np.zeros((), np.int32)}
+          "in_a_row": np.zeros((), np.int32), "bad_seed": np.zeros((), np.int32)}
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -120,7 +148,8 @@ def all_finite(tree: Any) -> jax.Array:
 
 def guarded_train_step(carry: tuple[TrainState, dict[str, jax.Array]], batch: Batch,
                        rng: jax.Array, *, loss_fn: LossFn, policy: str = "stop",
-                       max_consecutive_skips: int = 10, axis_name: str | None = None
+                       max_consecutive_skips: int = 10, axis_name: str | None = None,
+                       num_seeds: int = 1
                        ) -> tuple[tuple[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:
   """`train_step` that never applies a non-finite update.
 
@@ -134,21 +163,39 @@ def guarded_train_step(carry: tuple[TrainState, dict[str, jax.Array]], batch: Ba
       model state stay; metrics["skipped_steps"] counts the skips. The `max_consecutive_skips`th
       skip in a row is recorded in the guard as under "stop" (and nothing is applied after it).
 
+  Several seeds (num_seeds > 1; `seeds_train_step`): the step is bad when any replica's is,
+  and then no replica is updated (so under "skip" the replicas stay in step but are no longer
+  independent runs); the guard records the first bad replica (bad_seed) and its metrics.
+
   Args:
     carry: (state, guard); guard from `init_guard`.
     batch, rng, loss_fn, axis_name: as for `train_step` (the checks run on the averaged
-      values, so every device decides alike).
+      values, so every device decides alike); with num_seeds > 1 as for `seeds_train_step`.
+    num_seeds: 1 (`train_step`) or N > 1 replicas stacked along a leading axis.
   Returns:
-    ((state, guard), metrics): metrics as `train_step`'s, plus "skipped_steps" under "skip".
+    ((state, guard), metrics): metrics as `train_step`'s (with several seeds each the mean
+    over the replicas), plus "skipped_steps" under "skip".
   """
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"train.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {policy!r}")
   state, guard = carry
-  new_state, metrics = train_step(state, batch, rng, loss_fn=loss_fn, axis_name=axis_name)
+  seeded = num_seeds > 1
+  step = seeds_train_step if seeded else train_step
+  new_state, metrics = step(state, batch, rng, loss_fn=loss_fn, axis_name=axis_name)
   names = sorted(metrics)[:MAX_GUARD_METRICS]
-  values = jnp.stack([metrics[k] for k in names])
-  update_ok = all_finite((new_state.params, new_state.opt_state, new_state.model_state))
-  ok = all_finite(metrics) & update_ok
+  updated = (new_state.params, new_state.opt_state, new_state.model_state)
+  if seeded:   # per replica [N], then the first bad one's record
+    update_each = jax.vmap(all_finite)(updated)
+    ok_each = jax.vmap(all_finite)(metrics) & update_each
+    bad_seed = jnp.argmin(ok_each).astype(jnp.int32)   # the first False (0 when all are ok)
+    values = jnp.stack([metrics[k][bad_seed] for k in names])
+    update_ok, ok = update_each[bad_seed], jnp.all(ok_each)
+    metrics = {k: v.mean(0) for k, v in metrics.items()}
+  else:
+    bad_seed = jnp.zeros((), jnp.int32)
+    values = jnp.stack([metrics[k] for k in names])
+    update_ok = all_finite(updated)
+    ok = all_finite(metrics) & update_ok
   in_a_row = jnp.where(ok, 0, guard["in_a_row"] + 1)
   tripped = jnp.logical_not(ok) if policy == "stop" else in_a_row >= max_consecutive_skips
   first = tripped & (guard["bad_step"] == 0)
@@ -164,7 +211,8 @@ def guarded_train_step(carry: tuple[TrainState, dict[str, jax.Array]], batch: Ba
            "bad_metrics": jnp.where(first, padded, guard["bad_metrics"]),
            "bad_update": jnp.where(first, jnp.logical_not(update_ok), guard["bad_update"]),
            "skipped": guard["skipped"] + jnp.logical_not(ok).astype(jnp.int32),
-           "in_a_row": in_a_row}
+           "in_a_row": in_a_row,
+           "bad_seed": jnp.where(first, bad_seed, guard["bad_seed"])}
   if policy == "skip":
     metrics = {**metrics, "skipped_steps": guard["skipped"].astype(jnp.float32)}
   return (state, guard), metrics
@@ -173,7 +221,8 @@ def guarded_train_step(carry: tuple[TrainState, dict[str, jax.Array]], batch: Ba
 def guard_report(guard: Any, metric_names: Any) -> dict[str, Any] | None:
   """What a host-side copy of the guard says: None when every step so far was finite, else
   {"step": the bad step, "nonfinite": {metric name: value} of that step's non-finite metrics,
-  "bad_update": whether the updated state was non-finite, "skipped": total skips}.
+  "bad_update": whether the updated state was non-finite, "skipped": total skips,
+  "seed": the first non-finite replica (several seeds; 0 with one)}.
 
   metric_names: the step's metric names (keys of `train_step`'s metrics; extra ones such as
     "skipped_steps" are ignored as the step ignores them).
@@ -184,7 +233,7 @@ def guard_report(guard: Any, metric_names: Any) -> dict[str, Any] | None:
   names = sorted(set(metric_names) - {"skipped_steps"})[:MAX_GUARD_METRICS]
   values = [float(v) for v in guard["bad_metrics"][:len(names)]]
   return {"step": step, "bad_update": bool(guard["bad_update"]),
-          "skipped": int(guard["skipped"]),
+          "skipped": int(guard["skipped"]), "seed": int(guard.get("bad_seed", 0)),
           "nonfinite": {k: v for k, v in zip(names, values) if not math.isfinite(v)}}
 
 
@@ -193,16 +242,18 @@ def eval_step(variables: Any, batch: Batch, *, predict_fn: PredictFn) -> dict[st
   return predict_fn(variables, batch)
 
 
-def make_guarded_step(system: System, policy: str = "stop", max_consecutive_skips: int = 10
-                      ) -> Callable[..., Any]:
-  """`guarded_train_step` bound to a System's loss: `(carry, batch, rng, *, axis_name=None)`."""
+def make_guarded_step(system: System, policy: str = "stop", max_consecutive_skips: int = 10,
+                      num_seeds: int = 1) -> Callable[..., Any]:
+  """`guarded_train_step` bound to a System's loss: `(carry, batch, rng, *, axis_name=None)`;
+  num_seeds > 1: the state is a stacked one of that many replicas (`seeds_train_step`)."""
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"train.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {policy!r}")
   if int(max_consecutive_skips) < 1:
     raise ValueError(f"train.max_consecutive_skips: expected a positive count, got "
                      f"{max_consecutive_skips!r}")
   return functools.partial(guarded_train_step, loss_fn=system.loss, policy=policy,
-                           max_consecutive_skips=int(max_consecutive_skips))
+                           max_consecutive_skips=int(max_consecutive_skips),
+                           num_seeds=int(num_seeds))
 
 
 def make_steps(system: System) -> tuple[Callable[..., Any], Callable[..., Any]]:
