@@ -33,6 +33,12 @@ def main(argv: list[str]) -> dict:
   if jax.process_index() == 0:   # what Detector.from_workdir / experiments.detect read
     from jaxdet.detector import save_config
     save_config(config, flags.workdir)
+  multi_stage = config.system == "rcnn" or (config.system == "faster_rcnn"
+                                            and config.model.get("stage") == "alternating")
+  if multi_stage and config.train.get("num_seeds", 1) != 1:
+    raise ValueError(f"train.num_seeds: the multi-stage training of {config.system!r} trains "
+                     f"one seed at a time, got {config.train.num_seeds!r}; set "
+                     f"--config.train.num_seeds=1 and run one process per --config.seed")
   if config.system == "rcnn":   # multi-stage training (SVMs, box regression), not one loss
     from experiments import rcnn_stages
     scores = rcnn_stages.train_and_evaluate(config, flags.workdir)

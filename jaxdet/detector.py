@@ -261,17 +261,19 @@ def to_original_pixels(items: Sequence[Mapping[str, Any]], batch: Mapping[str, A
   return out
 
 
-def inference_variables(config: Any, workdir: str, system: Any, batch: Mapping[str, Any]
-                        ) -> tuple[Any, Any]:
+def inference_variables(config: Any, workdir: str, system: Any, batch: Mapping[str, Any],
+                        replica: int | None = None) -> tuple[Any, Any]:
   """(variables, predict) of the detector a training run left in `workdir` (see
   `detector_run`): its latest checkpoint, or R-CNN's fine-tuned network with its SVMs and box
-  regressors (predict with box regression)."""
+  regressors (predict with box regression). replica: of a train.num_seeds > 1 run, which
+  replica (None = 0, with a warning; jaxdet.train.loop.restore_for_inference)."""
   from jaxdet.train import loop
   if config.system == "rcnn":
     from experiments import rcnn_stages
     return (rcnn_stages.inference_variables(config, workdir, system, batch),
             system.extras["predict_with_bbox_reg"])
-  return loop.restore_for_inference(config, workdir, system, batch).variables, system.predict
+  return (loop.restore_for_inference(config, workdir, system, batch, replica=replica).variables,
+          system.predict)
 
 
 def detector_run(config: Any, workdir: str) -> tuple[Any, str]:
@@ -325,14 +327,18 @@ class Detector:
     self._jitted = jax.jit(self.predict)
 
   @classmethod
-  def from_workdir(cls, workdir: str, config: Any = None) -> "Detector":
+  def from_workdir(cls, workdir: str, config: Any = None, *, replica: int | None = None
+                   ) -> "Detector":
     """The detector of a training run: its config (DIR/config.json unless given) and latest
-    checkpoint (R-CNN: its stages; Faster R-CNN 4-step: the last step's)."""
+    checkpoint (R-CNN: its stages; Faster R-CNN 4-step: the last step's). A run of
+    train.num_seeds > 1 holds several replicas: `replica` picks one (seed config.seed +
+    replica); None = replica 0, with a warning saying so."""
     from jaxdet.train import setup
     config = load_config(workdir) if config is None else config
     config, workdir = detector_run(config, workdir)
     system = setup.system_from_config(config)
-    variables, predict = inference_variables(config, workdir, system, example_batch(config))
+    variables, predict = inference_variables(config, workdir, system, example_batch(config),
+                                             replica)
     return cls(config, variables, predict=predict, system=system)
 
   def run(self, images: Sequence[Any], *, batch_size: int | None = None,

@@ -87,6 +87,10 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
   Returns:
     {stage: the eval metrics of that step}; the last one is the detector's.
   """
+  if setup.num_seeds(config) != 1:   # each step starts from the previous one's parameters
+    raise ValueError(f"train.num_seeds: the 4-step alternating training trains one seed at a "
+                     f"time, got {config.train.num_seeds!r}; set --config.train.num_seeds=1 "
+                     f"and run one process per --config.seed")
   if steps is None:
     steps = dict(zip(STAGES[1:], faster_rcnn.model_config(config)["alternating_steps"]))
   done: dict[str, Any] = {}
