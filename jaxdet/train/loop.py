@@ -104,7 +104,7 @@ def _make(make_loader, config: Any, split: str, *, batch_size: int, seed: int, t
   return make_loader(config.data, split, batch_size=batch_size, seed=seed, train=train, **kw)
 
 
-def _eval(config: Any, system: System, state: TrainState, make_loader, data,
+def _eval(config: Any, system: System, state: TrainState, *, make_loader, data,
           max_batches: int) -> dict[str, float]:
   # sharded over every device: the eval batch rounded up to a multiple of them (the padding
   # is masked out of the scores)
@@ -217,13 +217,16 @@ def train_and_evaluate(config: Any, workdir: str, *, system: System | None = Non
     writer = MetricWriter(workdir, enabled=leader)
     start = int(state.step)   # a finished run evaluates its last step again
     writer.truncate(start, keep_eval_at_step=start < num_steps)
-    state = _run(config, system, runner, state, rng, loader, schedule, ckpt, writer,
-                 make_loader, eval_data, leader)
+    scores_of = functools.partial(_eval, config, system, make_loader=make_loader,
+                                  data=eval_data)
+    run = _Run(config=config, runner=runner, schedule=schedule, ckpt=ckpt, writer=writer,
+               scores_of=scores_of, leader=leader)
+    state = _run(run, state, rng, loader)
     step = int(state.step)
     if ckpt.latest_step() != step:
       ckpt.save(state, rng, loader.get_state())
     ckpt.wait()   # the trained state is on disk before the final evaluation
-    final = _eval(config, system, state, make_loader, eval_data, -1)
+    final = scores_of(state, max_batches=-1)
     writer.write(step, final, split="eval")
     ckpt.record_scores(step, final)
     if leader:
@@ -235,19 +238,37 @@ def train_and_evaluate(config: Any, workdir: str, *, system: System | None = Non
   return state
 
 
-def _run(config, system, runner, state, rng, loader, schedule, ckpt, writer, make_loader,
-         eval_data, leader) -> TrainState:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the step loop works with, fixed for a run.
+
+  config: the experiment config; runner: the device wrapper (jaxdet.train.parallel); schedule:
+  step -> learning rate; ckpt: the run's Checkpoints; writer: its MetricWriter; scores_of:
+  (host state, *, max_batches) -> eval scores; leader: this process writes the logs.
+  """
+  config: Any
+  runner: Runner
+  schedule: Callable[[int], Any]
+  ckpt: Any
+  writer: MetricWriter
+  scores_of: Callable[..., dict[str, float]]
+  leader: bool
+
+
+def _run(run: _Run, state: TrainState, rng: jax.Array, loader: Any) -> TrainState:
   """The step loop from state.step to config.train.num_steps; returns a host-side state.
 
   The guard of the non-finite check is read where the loop reads the device anyway: at each
   log, evaluation, checkpoint and at the end; a tripped guard raises NonFiniteError there,
   before anything is evaluated or saved.
   """
+  config, runner, schedule, ckpt, writer = (run.config, run.runner, run.schedule, run.ckpt,
+                                            run.writer)
   num_steps, start = int(config.train.num_steps), int(state.step)
   log_every, batch_size = int(config.train.log_every), int(config.train.batch_size)
   eval_every = int(config.eval.every_steps)
   ckpt_every = int(config.checkpoint.every_steps)
-  progress = Progress(num_steps, start, enabled=leader)
+  progress = Progress(num_steps, start, enabled=run.leader)
   device_state, device_rng = runner.put_state(state), runner.put_rng(rng)
   it = iter(loader)
   tick, tick_step = time.perf_counter(), start
@@ -280,8 +301,7 @@ def _run(config, system, runner, state, rng, loader, schedule, ckpt, writer, mak
       state = runner.get_state(device_state)
       scores = None
       if _due(step, eval_every):
-        scores = _eval(config, system, state, make_loader, eval_data,
-                       int(config.eval.max_batches))
+        scores = run.scores_of(state, max_batches=int(config.eval.max_batches))
         writer.write(step, scores, split="eval")
       ckpt.save(state, rng, loader.get_state(), scores)
   progress.close()
