@@ -676,9 +676,9 @@ def build_system(config: Any) -> System:
   net = make_network(s, dtype)
   parts = (net, s, dtype)
   predict = lambda reg: functools.partial(predict_detections, *parts, use_bbox_reg=reg)
-  extras = Extras(settings=s, network=net, features=jax.jit(functools.partial(
-      stage_features, *parts)), predict_with_bbox_reg=predict(True),
-      predict_without_bbox_reg=predict(False))
+  features = jax.jit(functools.partial(stage_features, *parts))
+  extras = Extras(settings=s, network=net, features=features,
+                  predict_with_bbox_reg=predict(True), predict_without_bbox_reg=predict(False))
   return System(name="rcnn", num_classes=s.num_classes,
                 init=functools.partial(init_variables, *parts),
                 loss=functools.partial(finetune_loss, *parts),
