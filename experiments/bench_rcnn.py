@@ -47,13 +47,13 @@ def main(argv: list[str]) -> dict:
   if small:
     from experiments.configs import rcnn as rcnn_config
     cfg = rcnn_config.get_config("cpu")
-    h, w, p, mode, c, dtype = 128, 128, 256, "fast", 6, jnp.float32
+    h, w, p, mode, dtype = 128, 128, 256, "fast", jnp.float32
   else:
     from experiments.configs import rcnn as rcnn_config
     cfg = rcnn_config.get_config("paper")
-    h, w, p, mode, c, dtype = 600, 1000, 2000, "quality", 20, jnp.bfloat16
-  m = rcnn.model_config(cfg)
-  s, ctx = int(m["input_size"]), float(m["context"])
+    h, w, p, mode, dtype = 600, 1000, 2000, "quality", jnp.bfloat16
+  m = rcnn.Settings.from_config(cfg)
+  s, ctx, c = m.input_size, m.context, m.num_classes
   image = synthetic.SyntheticDetection(1, image_size=(h, w), max_objects=6, seed=1)[0]["image"]
 
   # proposals (host)
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> dict:
   n_real = int(pmask.sum())
   pmask = np.ones_like(pmask)   # time all P slots (padding rows cost the same)
 
-  net = rcnn.make_network(m, c, dtype)
+  net = rcnn.make_network(m, dtype)
   params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3), dtype))["params"]
   img = jnp.asarray(image)[None]
   size = jnp.asarray([[h, w]], jnp.int32)
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> dict:
       backbones.normalize_images(im, jnp.float32), r, (s, s), context=ctx, image_size=size,
       mask=mk, dtype=dtype))
   warped = warp(img, rois, mask)
-  chunk = min(int(m["chunk"]), p)
+  chunk = min(m.chunk, p)
 
   @jax.jit
   def cnn(params, x):
@@ -104,10 +104,10 @@ def main(argv: list[str]) -> dict:
     return box_ops.clip_boxes(box_coder.decode_boxes(deltas, anchors), h, w)
 
   boxes = regress(feats["pool5"], rois[0])
-  pred = m["predict"]
+  pred = m.predict
   post = jax.jit(lambda b, sc: multiclass_nms(
-      b, sc, iou_threshold=float(pred["nms_iou"]), max_output=int(pred["max_detections"]),
-      score_threshold=float(pred["score_threshold"]), pre_nms_topk=int(pred["pre_nms_topk"]),
+      b, sc, iou_threshold=pred.nms_iou, max_output=pred.max_detections,
+      score_threshold=pred.score_threshold, pre_nms_topk=pred.pre_nms_topk,
       mask=mask[0]))
 
   def median_s(fn, *fn_args):
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> dict:
        "nms_s": median_s(post, boxes, scores)}
   out = {"mode": args.mode, "device": str(jax.devices()[0]), "image": [h, w],
          "proposals_capacity": p, "proposals_found": n_real, "selective_search": mode,
-         "backbone": m["backbone"], "input_size": s, "dtype": jnp.dtype(dtype).name,
+         "backbone": m.backbone, "input_size": s, "dtype": jnp.dtype(dtype).name,
          "num_classes": c, **t,
          "total_s": sum(t.values()), "total_without_proposals_s": sum(t.values()) - t_props}
   print(json.dumps(out))

@@ -141,9 +141,9 @@ def _rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> dict[str, A
                        "chunk": s["rcnn_chunk"]})
   system = rcnn.build_system(config)
   variables = dict(system.init(jax.random.key(0), batch))
-  net, m = system.extras["network"], system.extras["model"]
-  size = int(m["input_size"])
-  regions = jnp.zeros((int(m["chunk"]), size, size, 3), s["dtype"])
+  net, m = system.extras.network, system.extras.settings
+  size = m.input_size
+  regions = jnp.zeros((m.chunk, size, size, 3), s["dtype"])
   out = jax.eval_shape(lambda p, x: net.apply({"params": p}, x), variables["params"], regions)
   variables["rcnn"] = rcnn.empty_stage_variables(system.num_classes, out["fc7"].shape[-1],
                                                  out["pool5"].shape[-1])
@@ -151,7 +151,7 @@ def _rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> dict[str, A
   timing = benchlib.time_jax(jax.jit(system.predict), (variables, batch), repeats)
   chunk = benchlib.xla_flops(lambda p, x: net.apply({"params": p}, x),
                                (variables["params"], regions))
-  chunks = -(-s["proposals"] // int(m["chunk"]))
+  chunks = -(-s["proposals"] // m.chunk)
   return {"test_s": timing.median_s, "compile_s": timing.first_s,
           "flops": chunk * chunks if chunk else None}
 

@@ -76,9 +76,10 @@ def _loader(config: Any, split: str, train: bool = False):
 
 
 # The model keys that define the fine-tuned network: only these identify its checkpoints, so
-# changing a later stage's settings (svm, bbox_reg, predict) reuses the fine-tuned network.
+# changing a later stage's settings (svm, bbox_reg, predict) reuses the fine-tuned network;
+# `loss` (the fine-tuning loss term) is among them.
 FINETUNE_KEYS = ("backbone", "backbone_kw", "input_size", "context", "fg_iou", "batch_rois",
-                 "fg_fraction", "init_from")
+                 "fg_fraction", "init_from", "loss")
 
 
 def finetune_config(config: Any) -> Any:
@@ -157,8 +158,8 @@ def finetuned_params(config: Any, workdir: str, system: Any) -> Any:
 
 def extract_features(config: Any, system: Any, params: Any) -> dict[str, np.ndarray]:
   """Stage 2: per-region features of the whole train split (no augmentation)."""
-  m = system.extras["model"]
-  features = system.extras["features"]
+  m = system.extras.settings
+  features = system.extras.features
   keep_keys = ("fc7", "overlaps", "is_gt", "gt_class")
   svm_parts = {k: [] for k in keep_keys}
   reg_parts = {k: [] for k in ("pool5", "rois", "gt_box", "gt_class")}
@@ -168,7 +169,7 @@ def extract_features(config: Any, system: Any, params: Any) -> dict[str, np.ndar
     rows = np.asarray(out["mask"]) & real[:, None]                       # [B, R]
     for k in keep_keys:
       svm_parts[k].append(np.asarray(out[k])[rows])
-    reg_rows = rows & (np.asarray(out["max_iou"]) >= float(m["bbox_reg"]["iou"]))
+    reg_rows = rows & (np.asarray(out["max_iou"]) >= m.bbox_reg.iou)
     reg_parts["pool5"].append(np.asarray(out["pool5"])[reg_rows])
     reg_parts["rois"].append(np.asarray(out["rois"])[reg_rows])
     reg_parts["gt_box"].append(np.asarray(out["gt_box"])[reg_rows])
@@ -184,7 +185,7 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
                     timings: dict[str, float] | None = None) -> dict[str, Any]:
   """Stages 2-4 (each skipped when its file exists); returns {"params", "rcnn"}."""
   from jaxdet.models import rcnn
-  m, c = system.extras["model"], system.num_classes
+  m, c = system.extras.settings, system.num_classes
   timings = {} if timings is None else timings
   path = _stage_path(workdir, "features")
   if not os.path.exists(path):
@@ -196,7 +197,7 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
   if not os.path.exists(path):
     clock = _Clock()
     svm = rcnn.train_svms(feats["fc7"], feats["overlaps"], feats["is_gt"], feats["gt_class"],
-                          c, m["svm"], seed=int(config.seed), log=log.info)
+                          c, m.svm, seed=int(config.seed), log=log.info)
     files.save_npz(path, svm)
     clock.record(timings, "svm")
   svm = _load_npz(path)
@@ -204,7 +205,7 @@ def stage_variables(config: Any, workdir: str, system: Any, params: Any,
   if not os.path.exists(path):
     clock = _Clock()
     reg = rcnn.train_bbox_regressors(feats["reg_pool5"], feats["reg_rois"], feats["reg_gt_box"],
-                                     feats["reg_gt_class"], c, m["bbox_reg"])
+                                     feats["reg_gt_class"], c, m.bbox_reg)
     files.save_npz(path, reg)
     clock.record(timings, "bbox_reg")
   reg = _load_npz(path)
@@ -234,9 +235,9 @@ def _score(config: Any, system: Any, variables: Any, dump: str | None = None
            ) -> dict[str, float]:
   from jaxdet.train.evaluate import evaluate_variables
   loader = _loader(config, str(config.eval.split))
-  with_reg = evaluate_variables(system.extras["predict_with_bbox_reg"], variables, loader,
+  with_reg = evaluate_variables(system.extras.predict_with_bbox_reg, variables, loader,
                                 system.num_classes, dump=dump)
-  without = evaluate_variables(system.extras["predict_without_bbox_reg"], variables, loader,
+  without = evaluate_variables(system.extras.predict_without_bbox_reg, variables, loader,
                                system.num_classes)
   out = dict(with_reg)
   out.update({f"{k}_no_bbox_reg": v for k, v in without.items()})

@@ -271,7 +271,7 @@ def inference_variables(config: Any, workdir: str, system: Any, batch: Mapping[s
   if config.system == "rcnn":
     from experiments import rcnn_stages
     return (rcnn_stages.inference_variables(config, workdir, system, batch),
-            system.extras["predict_with_bbox_reg"])
+            system.extras.predict_with_bbox_reg)
   return (loop.restore_for_inference(config, workdir, system, batch, replica=replica).variables,
           system.predict)
 

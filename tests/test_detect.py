@@ -24,7 +24,7 @@ CONFIG = f"--config={os.path.join(ROOT, 'tests', 'train', 'toy_config.py')}"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   from jaxdet import systems
-  systems.SYSTEMS["toy"] = "toy_system:build"
+  systems.SYSTEMS["toy"] = "toy_system:build_system"
   out = str(tmp_path_factory.mktemp("run"))
   train.main(["train", CONFIG, "--workdir", out, "--config.train.num_steps=2",
               "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0"])

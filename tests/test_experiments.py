@@ -21,13 +21,13 @@ CONFIG = f"--config={os.path.join(ROOT, 'tests', 'train', 'toy_config.py')}"
 def toy_registered(monkeypatch):
   """Registers the test-only toy system for the duration of a test."""
   from jaxdet import systems
-  monkeypatch.setitem(systems.SYSTEMS, "toy", "toy_system:build")
+  monkeypatch.setitem(systems.SYSTEMS, "toy", "toy_system:build_system")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   from jaxdet import systems
-  systems.SYSTEMS["toy"] = "toy_system:build"
+  systems.SYSTEMS["toy"] = "toy_system:build_system"
   workdir = str(tmp_path_factory.mktemp("run"))
   scores = train.main(["train", CONFIG, "--workdir", workdir, "--config.train.num_steps=4"])
   return workdir, scores

@@ -34,7 +34,7 @@ print("ok")
 
 def test_exported_program_gives_the_same_detections(tmp_path):
   from jaxdet import systems
-  systems.SYSTEMS["toy"] = "toy_system:build"
+  systems.SYSTEMS["toy"] = "toy_system:build_system"
   workdir = str(tmp_path / "run")
   train.main(["train", CONFIG, "--workdir", workdir, "--config.train.num_steps=2",
               "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0"])

@@ -1,9 +1,9 @@
-"""Faults for the fault tests: a toy system with named loss terms, loaders that poison chosen
-batches, and ways to damage a checkpoint on disk the way disks and users do."""
+"""Faults for the fault tests: loaders that poison chosen batches of the toy system (its loss
+terms are named as every detector's: loss/box, loss/cls), and ways to damage a checkpoint on
+disk the way disks and users do."""
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import shutil
@@ -14,18 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "train"))
 
-from toy_system import ToyLoader, build, toy_config  # noqa: E402
-
-
-def named_system(config):
-  """The toy system with its loss terms named as every detector names them: loss/box, loss/cls."""
-  base = build(config)
-
-  def loss(variables, batch, rng):
-    total, metrics, state = base.loss(variables, batch, rng)
-    return total, {"loss/box": metrics["box_loss"], "loss/cls": metrics["cls_loss"]}, state
-
-  return dataclasses.replace(base, loss=loss)
+from toy_system import ToyLoader, toy_config  # noqa: E402
 
 
 class PoisonedLoader(ToyLoader):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import faulty
-from toy_system import build, make_toy_loader, toy_batch
+from toy_system import build_system, make_toy_loader, toy_batch
 
 from jaxdet.train import loop, setup
 from jaxdet.train.checkpoint import Checkpoints
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
   """A finished 3-step toy run with checkpoints 1, 2, 3 (copy it before damaging it)."""
   config = faulty.config()
   workdir = str(tmp_path_factory.mktemp("trained"))
-  loop.train_and_evaluate(config, workdir, system=build(config), make_loader=make_toy_loader)
+  loop.train_and_evaluate(config, workdir, system=build_system(config), make_loader=make_toy_loader)
   assert faulty.steps(workdir) == [1, 2, 3]
   return config, workdir
 
@@ -55,7 +55,7 @@ def _leaves(state):
 def test_damaged_latest_step_is_set_aside_and_the_previous_restored(trained, tmp_path, kind,
                                                                     caplog):
   config, workdir = _copy(trained, tmp_path)
-  system = build(config)
+  system = build_system(config)
   state, rng = _template(config, system)
   ckpt = _open(config, workdir, system)
   want = ckpt.restore(state, rng, step=2)[0]              # step 2 as saved, before damage
@@ -79,11 +79,11 @@ def test_training_resumes_from_the_newest_good_step(trained, tmp_path):
   config, workdir = _copy(trained, tmp_path)
   faulty.damage(os.path.join(workdir, "checkpoints", "3"), "truncated")
   longer = faulty.config(**{"train.num_steps": 4})
-  state = loop.train_and_evaluate(longer, workdir, system=build(longer),
+  state = loop.train_and_evaluate(longer, workdir, system=build_system(longer),
                                   make_loader=make_toy_loader)
   assert int(state.step) == 4 and faulty.steps(workdir) == [2, 3, 4]
   reference = faulty.config(**{"train.num_steps": 4})
-  ref = loop.train_and_evaluate(reference, str(tmp_path / "ref"), system=build(reference),
+  ref = loop.train_and_evaluate(reference, str(tmp_path / "ref"), system=build_system(reference),
                                 make_loader=make_toy_loader)
   for a, b in zip(_leaves(state), _leaves(ref)):
     np.testing.assert_array_equal(a, b)                   # steps 3, 4 redone exactly
@@ -93,7 +93,7 @@ def test_no_good_step_is_one_clear_error(trained, tmp_path):
   config, workdir = _copy(trained, tmp_path)
   for step in (1, 2, 3):
     faulty.damage(os.path.join(workdir, "checkpoints", str(step)), "loader_json")
-  system = build(config)
+  system = build_system(config)
   ckpt = _open(config, workdir, system)
   with pytest.raises(RuntimeError, match=r"no good checkpoint.*3 \(moved to .*1 \(moved to"):
     ckpt.restore(*_template(config, system))
@@ -103,7 +103,7 @@ def test_no_good_step_is_one_clear_error(trained, tmp_path):
 
 def test_a_nonfinite_state_is_never_saved(tmp_path):
   config = faulty.config()
-  system = build(config)
+  system = build_system(config)
   state, rng = _template(config, system)
   params = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(np.nan), state.params)
   ckpt = _open(config, str(tmp_path), system)
@@ -116,7 +116,7 @@ def test_a_nonfinite_state_is_never_saved(tmp_path):
 def test_retention_keeps_the_best_step_across_a_resume(tmp_path):
   """keep = 1 plus the best by "m": the best step survives a restart of the run."""
   config = faulty.config(**{"checkpoint.keep": 1, "checkpoint.best_metric": "m"})
-  system = build(config)
+  system = build_system(config)
   state, rng = _template(config, system)
   scores = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3, 5: 0.0, 6: 0.1}
   for steps in ((1, 2, 3, 4), (5, 6)):                    # two processes of one run
@@ -130,11 +130,11 @@ def test_retention_keeps_the_best_step_across_a_resume(tmp_path):
 def test_inference_without_checkpoints_is_one_clear_error(tmp_path):
   workdir = tmp_path / "never_trained"
   code = ("import sys; sys.path.insert(0, sys.argv[2])\n"
-          "from toy_system import build, toy_batch, toy_config\n"
+          "from toy_system import build_system, toy_batch, toy_config\n"
           "from jaxdet.train import loop\n"
           "config = toy_config()\n"
           "try:\n"
-          "  loop.restore_for_inference(config, sys.argv[1], build(config), toy_batch(0, 0, 2))\n"
+          "  loop.restore_for_inference(config, sys.argv[1], build_system(config), toy_batch(0, 0, 2))\n"
           "except FileNotFoundError as e:\n"
           "  print('ERROR', e)\n")
   proc = subprocess.run([sys.executable, "-c", code, str(workdir),

@@ -92,7 +92,7 @@ def test_declared_metric_names_are_what_evaluation_reports(rng):
   from jaxdet.models.localization import LOCALIZATION_METRIC_NAMES, localization_metrics
   from jaxdet.train.evaluate import METRIC_NAMES, evaluate_variables
   config = toy_system.toy_config()
-  system = toy_system.build(config)
+  system = toy_system.build_system(config)
   system = dataclasses.replace(system, eval_metrics=localization_metrics,
                                 eval_metric_names=LOCALIZATION_METRIC_NAMES)
   batch = toy_system.toy_batch(0, 0, 4)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import faulty
-from toy_system import build, make_toy_loader
+from toy_system import build_system, make_toy_loader
 
 from jaxdet import files
 from jaxdet.train import loop, setup
@@ -43,7 +43,7 @@ def test_nan_learning_rate_stops_and_keeps_every_good_checkpoint(tmp_path):
   """The reported case: a rerun with learning_rate=nan wrote NaN checkpoints and retention
   deleted the good ones; it ended with an unrelated error."""
   good = faulty.config(**{"checkpoint.keep": 2})
-  system = build(good)
+  system = build_system(good)
   loop.train_and_evaluate(good, str(tmp_path), system=system, make_loader=make_toy_loader)
   assert faulty.steps(tmp_path) == [2, 3]
   bad = faulty.config(**{"checkpoint.keep": 2, "train.num_steps": 6,
@@ -62,7 +62,7 @@ def test_nan_learning_rate_stops_and_keeps_every_good_checkpoint(tmp_path):
 def test_nan_loss_term_stops_naming_the_step_and_the_term(tmp_path):
   # no log before the end: the checkpoint after step 3 is where the loop reads the guard
   config = faulty.config(**{"train.num_steps": 6, "train.log_every": 100})
-  system = faulty.named_system(config)
+  system = build_system(config)
   with pytest.raises(FloatingPointError) as err:
     loop.train_and_evaluate(config, str(tmp_path), system=system,
                             make_loader=faulty.poisoned_loader({2}))
@@ -76,7 +76,7 @@ def test_nan_loss_term_stops_naming_the_step_and_the_term(tmp_path):
 def test_skip_drops_exactly_the_bad_updates(tmp_path):
   config = faulty.config(**{"train.num_steps": 5, "train.on_nonfinite": "skip",
                             "train.max_consecutive_skips": 3})
-  system = faulty.named_system(config)
+  system = build_system(config)
   state = loop.train_and_evaluate(config, str(tmp_path), system=system,
                                   make_loader=faulty.poisoned_loader({1, 2}))
   assert int(state.step) == 5
@@ -98,7 +98,7 @@ def test_skip_drops_exactly_the_bad_updates(tmp_path):
 def test_skip_stops_after_too_many_in_a_row(tmp_path):
   config = faulty.config(**{"train.num_steps": 8, "train.on_nonfinite": "skip",
                             "train.max_consecutive_skips": 2})
-  system = faulty.named_system(config)
+  system = build_system(config)
   with pytest.raises(FloatingPointError, match=r"step 4: 2 non-finite steps in a row.*"
                                                r"loss/box = nan"):
     loop.train_and_evaluate(config, str(tmp_path), system=system,
@@ -111,7 +111,7 @@ def test_skip_stops_after_too_many_in_a_row(tmp_path):
 def test_nonpositive_num_steps_is_an_error(tmp_path, num_steps):
   config = faulty.config(**{"train.num_steps": num_steps})
   with pytest.raises(ValueError, match=rf"train\.num_steps: .*got {num_steps}"):
-    loop.train_and_evaluate(config, str(tmp_path), system=build(config),
+    loop.train_and_evaluate(config, str(tmp_path), system=build_system(config),
                             make_loader=make_toy_loader)
   assert not os.path.exists(tmp_path / "eval.json")
 
@@ -124,7 +124,7 @@ def test_final_state_is_saved_before_the_final_evaluation(tmp_path):
       raise RuntimeError("eval data unavailable")
     return make_toy_loader(data_config, split, batch_size=batch_size, seed=seed, train=True)
 
-  system = build(config)
+  system = build_system(config)
   with pytest.raises(RuntimeError, match="eval data unavailable"):
     loop.train_and_evaluate(config, str(tmp_path), system=system, make_loader=eval_fails)
   assert faulty.steps(tmp_path) == [3]
@@ -137,7 +137,7 @@ def test_final_state_is_saved_before_the_final_evaluation(tmp_path):
 
 def test_resumed_and_rerun_logs_repeat_no_step(tmp_path):
   config = faulty.config(**{"train.num_steps": 4, "checkpoint.every_steps": 2})
-  system = build(config)
+  system = build_system(config)
   run = lambda: loop.train_and_evaluate(config, str(tmp_path), system=system,
                                         make_loader=make_toy_loader)
   run()
@@ -154,7 +154,7 @@ def test_resumed_and_rerun_logs_repeat_no_step(tmp_path):
 
 def test_evaluate_prints_scores_and_a_failed_write_names_the_path(tmp_path, monkeypatch, capsys):
   config = faulty.config(**{"train.num_steps": 1})
-  system = build(config)
+  system = build_system(config)
   loop.train_and_evaluate(config, str(tmp_path), system=system, make_loader=make_toy_loader)
   before = sorted(os.path.join(d, n) for d, ds, fs in os.walk(tmp_path) for n in ds + fs)
   capsys.readouterr()

@@ -1,5 +1,7 @@
 """R-CNN pieces against scikit-learn (liblinear SVM, ridge) and float64 loop references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,13 +74,13 @@ def test_hard_negative_mining_separates_and_agrees_with_liblinear(rng):
       ov.append(o); is_gt.append(False); gt_class.append(0)
   fc7, ov = np.asarray(fc7, np.float32), np.asarray(ov, np.float32)
   is_gt, gt_class = np.asarray(is_gt), np.asarray(gt_class, np.int32)
-  cfg = dict(rcnn.MODEL_DEFAULTS["svm"], cache_size=200, rounds=6, C=0.01)
+  cfg = rcnn.Svm(cache_size=200, rounds=6, C=0.01)
   out = rcnn.train_svms(fc7, ov, is_gt, gt_class, c, cfg)
   scores = fc7 @ out["svm_w"] + out["svm_b"]
   for k in range(c):
     assert scores[is_gt & (gt_class == k), k].min() > scores[~is_gt, k].max()
   assert out["rounds"] >= 2 and (out["cache"] <= 200).all()
-  lib = rcnn.train_svms(fc7, ov, is_gt, gt_class, c, dict(cfg, solver="liblinear"))
+  lib = rcnn.train_svms(fc7, ov, is_gt, gt_class, c, dataclasses.replace(cfg, solver="liblinear"))
   np.testing.assert_allclose(lib["svm_w"], out["svm_w"], rtol=0.05, atol=0.02)
 
 
@@ -121,7 +123,7 @@ def test_detect_scores_regresses_and_masks(rng):
            "svm_b": rng.normal(size=c).astype(np.float32), "fc7_scale": np.float32(1.0),
            "reg_w": 0.1 * rng.normal(size=(c, d, 4)).astype(np.float32),
            "reg_b": np.zeros((c, 4), np.float32), "pool5_scale": np.float32(1.0)}
-  pred = dict(rcnn.MODEL_DEFAULTS["predict"], score_threshold=-100.0, max_detections=20)
+  pred = rcnn.Predict(score_threshold=-100.0, max_detections=20)
   out = jax.jit(lambda o, s: rcnn.detect(o, rois, mask, jnp.array([100, 100]), s, c, pred,
                                          True))(outputs, stage)
   scores = outputs["fc7"] @ stage["svm_w"] + stage["svm_b"]
@@ -144,31 +146,68 @@ def test_detect_scores_regresses_and_masks(rng):
   assert not np.any(np.all(np.isclose(kept, rois[5]), axis=1))
 
 
-def test_system_loss_finite_gradients_and_predict_shapes(rng):
-  cfg = {"num_classes": 3, "compute_dtype": "float32",
-         "model": {"input_size": 16, "context": 1, "chunk": 16, "batch_rois": 16,
-                   "backbone_kw": {"widths": (4, 8), "stride": 4, "fc_features": (8,),
-                                   "roi_size": 2}}}
-  system = rcnn.build_system(cfg)
-  b, p = 2, 10
+def _tiny_config(**model):
+  return {"num_classes": 3, "compute_dtype": "float32",
+          "model": {"input_size": 16, "context": 1, "chunk": 16, "batch_rois": 16,
+                    "backbone_kw": {"widths": (4, 8), "stride": 4, "fc_features": (8,),
+                                    "roi_size": 2}, **model}}
+
+
+def _batch(rng, b=2, p=10):
   xy = rng.uniform(0, 20, (b, p, 2))
   props = np.concatenate([xy, xy + rng.uniform(0, 10, (b, p, 2))], -1).astype(np.float32)
   props[0, 3] = [5, 5, 5, 5]                                      # degenerate proposal
-  batch = {"image": rng.integers(0, 255, (b, 32, 32, 3), dtype=np.uint8),
-           "image_size": np.array([[32, 32], [24, 30]], np.int32), "proposals": props,
-           "proposal_mask": np.arange(p)[None].repeat(b, 0) < 8, "boxes": props[:, :3],
-           "labels": rng.integers(0, 3, (b, 3)).astype(np.int32),
-           "box_mask": np.array([[True, True, False], [False, False, False]])}
+  return {"image": rng.integers(0, 255, (b, 32, 32, 3), dtype=np.uint8),
+          "image_size": np.array([[32, 32], [24, 30]], np.int32), "proposals": props,
+          "proposal_mask": np.arange(p)[None].repeat(b, 0) < 8, "boxes": props[:, :3],
+          "labels": rng.integers(0, 3, (b, 3)).astype(np.int32),
+          "box_mask": np.array([[True, True, False], [False, False, False]])}
+
+
+def test_system_loss_finite_gradients_and_predict_shapes(rng):
+  system = rcnn.build_system(_tiny_config())
+  batch = _batch(rng)
+  b = batch["image"].shape[0]
   variables = system.init(jax.random.PRNGKey(0), batch)
   grads, metrics = jax.jit(jax.grad(lambda v: system.loss({"params": v}, batch,
                                                           jax.random.PRNGKey(1))[:2],
                                     has_aux=True))(variables["params"])
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
-  assert 0 < float(metrics["fg_fraction"]) <= 0.25 + 1e-6
+  assert 0 < float(metrics["rcnn/fg_fraction"]) <= 0.25 + 1e-6
   dets = system.predict(variables, batch)
   assert dets["boxes"].shape == (b, 100, 4) and dets["valid"].dtype == bool
   with pytest.raises(ValueError, match="proposals"):
     system.predict(variables, {k: v for k, v in batch.items() if k != "proposals"})
+
+
+def test_finetuning_loss_is_the_configured_term(rng):
+  """A function given by dotted path is the fine-tuning loss: twice the built-in's value."""
+  batch, key = _batch(rng), jax.random.PRNGKey(1)
+  ref = rcnn.build_system(_tiny_config())
+  custom = rcnn.build_system(_tiny_config(loss={"cls": "custom_terms:doubled_class"}))
+  variables = ref.init(jax.random.PRNGKey(0), batch)
+  total_ref, m_ref, _ = jax.jit(ref.loss)(variables, batch, key)
+  total, m, _ = jax.jit(custom.loss)(variables, batch, key)
+  assert float(m_ref["loss/cls"]) > 0
+  np.testing.assert_allclose(float(m["loss/cls"]), 2 * float(m_ref["loss/cls"]), rtol=1e-5)
+  np.testing.assert_allclose(float(total) - float(total_ref),
+                             float(m["loss/cls"]) - float(m_ref["loss/cls"]), rtol=1e-5)
+  np.testing.assert_allclose(float(total_ref), float(m_ref["loss/cls"]), rtol=1e-6)
+
+
+def test_settings_merge_validate_and_name_keys():
+  s = rcnn.Settings.from_config(_tiny_config(svm={"C": 0.01}, loss={"cls_weight": 2}))
+  assert (s.num_classes, s.svm.C, s.svm.rounds, s.loss.cls_weight) == (3, 0.01, 4, 2.0)
+  with pytest.raises(ValueError, match=r"config\.model\.svm\.solver"):
+    rcnn.Settings.from_config(_tiny_config(svm={"solver": "sgd"}))
+  with pytest.raises(ValueError, match=r"config\.model\.predict.*nms_thresh"):
+    rcnn.Settings.from_config(_tiny_config(predict={"nms_thresh": 0.3}))
+  with pytest.raises(ValueError, match=r"config\.model\.loss\.cls"):
+    rcnn.Settings.from_config(_tiny_config(loss={"cls": "hinge"}))
+  with pytest.raises(ValueError, match=r"config\.model\.fg_fraction"):
+    rcnn.Settings.from_config(_tiny_config(fg_fraction=1.5))
+  with pytest.raises(ValueError, match=r"config\.num_classes"):
+    rcnn.Settings.from_config({"model": {}})
 
 
 def test_cpu_preset_pretrains_a_backbone_the_finetuning_network_can_take():

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from toy_system import build, toy_batch, toy_config  # noqa: E402
+from toy_system import build_system, toy_batch, toy_config  # noqa: E402
 
 from jaxdet.train import loop, setup  # noqa: E402
 from jaxdet.train.step import make_steps  # noqa: E402
@@ -39,7 +39,7 @@ def run(mode: str | None, config, system, batches):
 def main():
   config = toy_config(**{"optimizer.name": "adamw", "optimizer.learning_rate": 0.01,
                          "optimizer.grad_clip_norm": 1.0, "train.batch_size": 8})
-  system = build(config)
+  system = build_system(config)
   batches = [toy_batch(i, 0, 8) for i in range(3)]
   one, _ = run(None, config, system, batches)
   out = {"devices": jax.device_count()}

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from toy_system import build, make_toy_loader, resume_config  # noqa: E402
+from toy_system import build_system, make_toy_loader, resume_config  # noqa: E402
 
 
 def main(workdir: str, num_steps: int, delay_s: float) -> None:
@@ -23,7 +23,7 @@ def main(workdir: str, num_steps: int, delay_s: float) -> None:
   logging.basicConfig(level=logging.INFO)
   from jaxdet.train.loop import train_and_evaluate
   config = resume_config(num_steps)
-  state = train_and_evaluate(config, workdir, system=build(config),
+  state = train_and_evaluate(config, workdir, system=build_system(config),
                              make_loader=functools.partial(make_toy_loader, delay_s=delay_s))
   flat = {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from toy_system import ToyLoader, build, toy_config  # noqa: E402
+from toy_system import ToyLoader, build_system, toy_config  # noqa: E402
 
 from jaxdet.train import parallel, setup  # noqa: E402
 from jaxdet.train.evaluate import evaluate_variables, predict_dataset  # noqa: E402
@@ -39,7 +39,7 @@ def near_ground_truth(toy_predict):
 
 def main():
   config = toy_config()
-  system = build(config)
+  system = build_system(config)
   system = dataclasses.replace(system, predict=near_ground_truth(system.predict))
   loader = lambda: ToyLoader(6, 0, False, num_classes=3)   # noqa: E731
   state = setup.init_state(config, system, next(ToyLoader(6, 0, True, num_classes=3)))[0]

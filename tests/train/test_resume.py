@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from toy_system import build, make_toy_loader, resume_config
+from toy_system import build_system, make_toy_loader, resume_config
 
 from jaxdet.train.checkpoint import CheckpointMismatchError
 from jaxdet.train.loop import train_and_evaluate
@@ -40,7 +40,7 @@ def _run(workdir, delay_s):
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   config = resume_config(NUM_STEPS)
-  reference = train_and_evaluate(config, str(tmp_path / "ref"), system=build(config),
+  reference = train_and_evaluate(config, str(tmp_path / "ref"), system=build_system(config),
                                  make_loader=make_toy_loader)
   workdir = tmp_path / "killed"
   proc = _run(workdir, 0.15)
@@ -65,12 +65,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 def test_restore_into_another_model_fails_clearly(tmp_path):
   config = resume_config(2)
-  train_and_evaluate(config, str(tmp_path), system=build(config), make_loader=make_toy_loader)
+  train_and_evaluate(config, str(tmp_path), system=build_system(config), make_loader=make_toy_loader)
   other = resume_config(2)
   other.model.features = 16
   with pytest.raises(CheckpointMismatchError, match=r"model\.features: checkpoint 8, now 16"):
-    train_and_evaluate(other, str(tmp_path), system=build(other), make_loader=make_toy_loader)
+    train_and_evaluate(other, str(tmp_path), system=build_system(other), make_loader=make_toy_loader)
   adam = resume_config(2)
   adam.optimizer.name = "adam"
   with pytest.raises(CheckpointMismatchError, match="do not fit the configured training state"):
-    train_and_evaluate(adam, str(tmp_path), system=build(adam), make_loader=make_toy_loader)
+    train_and_evaluate(adam, str(tmp_path), system=build_system(adam), make_loader=make_toy_loader)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from toy_system import build, make_toy_loader, toy_batch, toy_config
+from toy_system import build_system, make_toy_loader, toy_batch, toy_config
 
 from jaxdet.system import System
 from jaxdet.train import loop, optim, setup
@@ -68,7 +68,7 @@ def test_bad_optimizer_names_fail_clearly():
 
 def test_frozen_parameters_stay_and_others_move():
   config = toy_config()
-  base = build(config)
+  base = build_system(config)
   def labels(params):
     return {k: jax.tree_util.tree_map(lambda _: "frozen" if k == "Conv_0" else "train", v)
             for k, v in params.items()}
@@ -85,7 +85,7 @@ def test_frozen_parameters_stay_and_others_move():
 
 def test_non_float32_params_are_rejected():
   config = toy_config(compute_dtype="bfloat16")
-  base = build(config)
+  base = build_system(config)
   def init(rng, batch):
     v = base.init(rng, batch)
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), v)
@@ -96,7 +96,7 @@ def test_non_float32_params_are_rejected():
 
 def test_bfloat16_compute_keeps_float32_params():
   config = toy_config(compute_dtype="bfloat16")
-  system = build(config)
+  system = build_system(config)
   batch = toy_batch(0, 0, 4)
   state, rng, _ = setup.init_state(config, system, batch)
   step = loop.make_steps(system)[0]
@@ -110,7 +110,7 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_train_step_compiles_once_over_object_counts():
   config = toy_config()
-  system = build(config)
+  system = build_system(config)
   loader = make_toy_loader(config.data, "train", batch_size=4, seed=0, train=True)
   batches = [next(loader) for _ in range(4)]
   counts = {int(b["box_mask"].sum()) for b in batches}
@@ -144,7 +144,7 @@ def two_runs(tmp_path_factory):
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
     config.seed = seed
     workdir = str(tmp_path_factory.mktemp(name))
-    state = loop.train_and_evaluate(config, workdir, system=build(config),
+    state = loop.train_and_evaluate(config, workdir, system=build_system(config),
                                     make_loader=make_toy_loader)
     out[name] = (state, workdir)
   return out

@@ -1,12 +1,16 @@
 """A test-only detector: a tiny conv net that regresses one box and one class per image.
 
-It follows the System contract of jaxdet.system exactly (K = 1 detections), so the training
-machinery is tested without any real detector. Also a stand-in data loader with the
+The template of a detector module (README "Add a detector"): the detector anatomy of the
+design notes, in its order, each part as short as it can be. It follows the System
+contract of jaxdet.system exactly (K = 1 detections), so the training machinery is tested
+without any real detector. Also a stand-in data loader with the
 `jaxdet.data.pipeline.make_loader` interface (deterministic batches, get_state/set_state).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +18,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdet import checks
+from jaxdet.models import settings
 from jaxdet.system import System
+
+# ----------------------------------------------------------------------------- 1. settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(settings.LossSettings):
+  """`model.loss`: each term a function of jaxdet.losses.TERMS[kind] or a dotted path."""
+  TERMS = {"box": "box", "cls": "class"}
+  box: str = "l2"                          # on the box in [0, 1] of the image
+  box_weight: float = 1.0
+  cls: str = "softmax_cross_entropy"       # over the C classes (no background)
+  cls_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """`config.model` (num_classes: the top-level config.num_classes)."""
+  num_classes: int = 3
+  features: int = 8                        # conv channels
+  batch_norm: bool = False
+  loss: Loss = Loss()
+
+  def validate(self, where):
+    checks.check_positive("config.num_classes", self.num_classes)
+    checks.check_positive(f"{where}.features", self.features)
+
+
+# ----------------------------------------------------------------------------- 2. network
 
 
 class ToyNet(nn.Module):
@@ -37,44 +71,75 @@ class ToyNet(nn.Module):
     return jax.nn.sigmoid(out[:, :4]), out[:, 4:]
 
 
-def build(config: Any) -> System:
-  """The toy System from a config with `model.features`, `model.batch_norm`, `compute_dtype`
-  and `num_classes`."""
-  num_classes = int(config.num_classes)
-  net = ToyNet(num_classes, features=int(config.model.features),
-               batch_norm=bool(config.model.batch_norm),
+# ----------------------------------------------------------------------------- 3. targets
+
+
+def image_scale(image_size):
+  """i32[2] (height, width) -> f32[4] (w, h, w, h): box in [0, 1] of the image -> pixels."""
+  hw = image_size.astype(jnp.float32)
+  return jnp.stack([hw[1], hw[0], hw[1], hw[0]])
+
+
+def targets(boxes, labels, box_mask, image_size):
+  """One image's targets: its first box, in [0, 1] of the image, and class.
+
+  Args: boxes f32[M, 4] pixels; labels i32[M]; box_mask bool[M]; image_size i32[2].
+  Returns: (box f32[4], label i32[], has_box bool[]).
+  """
+  return boxes[0] / image_scale(image_size), labels[0], box_mask[0]
+
+
+# ----------------------------------------------------------------------------- 4. loss
+
+
+def loss(net, s, variables, batch, rng):
+  """System.loss: the terms `box` and `cls` over the images that have a box, each averaged
+  over those images and weighted; metrics `loss/box`, `loss/cls` add up to the loss."""
+  del rng
+  mutable = ["batch_stats"] if "batch_stats" in variables else []
+  (box, logits), new_state = net.apply(variables, batch["image"], train=True, mutable=mutable)
+  target, label, has_box = jax.vmap(targets)(batch["boxes"], batch["labels"],
+                                             batch["box_mask"], batch["image_size"])
+  scale = jax.vmap(image_scale)(batch["image_size"])                   # [B, 4]
+  n = jnp.maximum(has_box.sum(), 1.0)
+  per_image = {"box": s.loss.fn("box")(box, target, has_box, decode=lambda c: c * scale),
+               "cls": s.loss.fn("cls")(logits, label, has_box)}        # each f32[B]
+  metrics = {f"loss/{t}": s.loss.weight(t) * v.sum() / n for t, v in per_image.items()}
+  return sum(metrics.values()), metrics, dict(new_state)
+
+
+# ----------------------------------------------------------------------------- 5. post-processing
+
+
+def predict(net, variables, batch):
+  """System.predict: one detection per image (K = 1), its box in pixels."""
+  box, logits = net.apply(variables, batch["image"], train=False)
+  probs = jax.nn.softmax(logits)
+  box = box * jax.vmap(image_scale)(batch["image_size"])
+  return {"boxes": box[:, None], "scores": probs.max(-1)[:, None],
+          "labels": probs.argmax(-1).astype(jnp.int32)[:, None],
+          "valid": jnp.ones(box.shape[:1] + (1,), bool)}
+
+
+# ----------------------------------------------------------------------------- 6. system
+
+
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """The toy system's parts for experiments and tools."""
+  settings: Settings
+  network: ToyNet
+
+
+def build_system(config: Any) -> System:
+  """The toy System from `config.model` (`Settings`), `num_classes` and `compute_dtype`."""
+  s = Settings.from_config(config)
+  net = ToyNet(s.num_classes, features=s.features, batch_norm=s.batch_norm,
                dtype=jnp.dtype(config.get("compute_dtype", "float32")))
-
-  def scale(batch):
-    hw = batch["image_size"].astype(jnp.float32)                     # [B, 2] (h, w)
-    return jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)   # [B, 4]
-
-  def init(rng, batch):
-    return net.init(rng, batch["image"], train=False)
-
-  def loss(variables, batch, rng):
-    del rng
-    mutable = ["batch_stats"] if "batch_stats" in variables else []
-    (box, logits), new_state = net.apply(variables, batch["image"], train=True,
-                                         mutable=mutable)
-    target = batch["boxes"][:, 0] / scale(batch)                     # first box [B, 4]
-    has_box = batch["box_mask"][:, 0].astype(jnp.float32)            # [B]
-    box_l2 = ((box - target) ** 2).sum(-1)
-    onehot = jax.nn.one_hot(batch["labels"][:, 0], num_classes)
-    ce = -(onehot * jax.nn.log_softmax(logits)).sum(-1)
-    n = jnp.maximum(has_box.sum(), 1.0)
-    box_loss = (box_l2 * has_box).sum() / n
-    cls_loss = (ce * has_box).sum() / n
-    return box_loss + cls_loss, {"box_loss": box_loss, "cls_loss": cls_loss}, dict(new_state)
-
-  def predict(variables, batch):
-    box, logits = net.apply(variables, batch["image"], train=False)
-    probs = jax.nn.softmax(logits)
-    return {"boxes": (box * scale(batch))[:, None], "scores": probs.max(-1)[:, None],
-            "labels": probs.argmax(-1).astype(jnp.int32)[:, None],
-            "valid": jnp.ones(box.shape[:1] + (1,), bool)}
-
-  return System(name="toy", num_classes=num_classes, init=init, loss=loss, predict=predict)
+  return System(name="toy", num_classes=s.num_classes,
+                init=lambda rng, batch: net.init(rng, batch["image"], train=False),
+                loss=functools.partial(loss, net, s), predict=functools.partial(predict, net),
+                extras=Extras(settings=s, network=net))
 
 
 def toy_batch(index: int, seed: int, batch_size: int, *, size: int = 16, max_boxes: int = 4,
