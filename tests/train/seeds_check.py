@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from toy_system import build, toy_batch, toy_config  # noqa: E402
+from toy_system import build_system, toy_batch, toy_config  # noqa: E402
 
 from jaxdet.train import loop, setup  # noqa: E402
 
@@ -44,7 +44,7 @@ def train(runner, state, rng, batches):
 
 def main():
   batches = [toy_batch(i, 0, 8) for i in range(3)]
-  system = build(config())
+  system = build_system(config())
   seeded = config(**{"train.num_seeds": 2})
   out = {"devices": jax.device_count()}
   one = loop.make_runner(system, "shard_map")   # one compile for both seeds

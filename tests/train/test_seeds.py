@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from four_devices import run_on_four_devices
-from toy_system import build, make_toy_loader, toy_batch, toy_config
+from toy_system import build_system, make_toy_loader, toy_batch, toy_config
 
 from jaxdet.train import loop, preflight, setup
 from jaxdet.train.checkpoint import CheckpointMismatchError
@@ -44,7 +44,7 @@ def config(**kw):
 
 
 def train(cfg, workdir, system=None):
-  return loop.train_and_evaluate(cfg, str(workdir), system=system or build(cfg),
+  return loop.train_and_evaluate(cfg, str(workdir), system=system or build_system(cfg),
                                  make_loader=same_data)
 
 
@@ -173,26 +173,26 @@ def test_resume_of_several_seeds_equals_the_uninterrupted_run(runs, tmp_path):
 def test_restore_with_another_seed_count_fails_naming_it(runs):
   cfg = config(**{"train.num_seeds": 3})
   with pytest.raises(CheckpointMismatchError, match=r"train\.num_seeds: checkpoint 2, now 3"):
-    loop.restore_all_seeds(cfg, runs["seeds"][1], build(cfg), toy_batch(0, 0, 4))
+    loop.restore_all_seeds(cfg, runs["seeds"][1], build_system(cfg), toy_batch(0, 0, 4))
 
 
 def test_inference_picks_replica_zero_by_default_and_says_so(runs, caplog):
   cfg, workdir = config(**{"train.num_seeds": 2}), runs["seeds"][1]
   batch, stacked = toy_batch(0, 0, 4), runs["seeds"][0]
   with caplog.at_level(logging.WARNING):
-    first = loop.restore_for_inference(cfg, workdir, build(cfg), batch)
+    first = loop.restore_for_inference(cfg, workdir, build_system(cfg), batch)
   assert "using replica 0" in caplog.text
   assert max_diff(first.params, replica(stacked.params, 0)) == 0
-  second = loop.restore_for_inference(cfg, workdir, build(cfg), batch, replica=1)
+  second = loop.restore_for_inference(cfg, workdir, build_system(cfg), batch, replica=1)
   assert max_diff(second.params, replica(stacked.params, 1)) == 0
   with pytest.raises(ValueError, match=r"replica: expected an int in \[0, 2\).*got 2"):
-    loop.restore_for_inference(cfg, workdir, build(cfg), batch, replica=2)
+    loop.restore_for_inference(cfg, workdir, build_system(cfg), batch, replica=2)
 
 
 def _one_bad_replica(cfg, bad):
   """The toy system with a parameter "marker" drawn from the init key; the loss is NaN for
   the replica `bad` of seeds 0 and 1 (whose marker lies on its side of the midpoint)."""
-  base = build(cfg)
+  base = build_system(cfg)
   marks = [float(jax.random.uniform(jax.random.split(jax.random.PRNGKey(s))[0]))
            for s in (0, 1)]
   mid, side = sum(marks) / 2, np.sign(marks[bad] - sum(marks) / 2)
@@ -233,7 +233,7 @@ def test_num_seeds_must_be_a_positive_int(value, tmp_path):
 
 def test_the_seeded_step_compiles_once_and_logs_scalars():
   cfg = config(**{"train.num_seeds": 3})
-  system = build(cfg)
+  system = build_system(cfg)
   loader = make_toy_loader(cfg.data, "train", batch_size=4, seed=0, train=True)
   batches = [next(loader) for _ in range(3)]
   assert len({int(b["box_mask"].sum()) for b in batches}) > 1   # other object counts
