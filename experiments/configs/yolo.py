@@ -112,8 +112,9 @@ def get_config(preset: str = "cpu"):
       "init_from": "",                  # a finished classify run of the backbone (cpu: the
                                         # lecture's; paper: classify.py:paper, backbone yolo20)
       "pretrained": "",                 # paper with backbone vgg16: torchvision weights file
-      "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0,
-               "lambda_class": 1.0},
+      "loss": {"coord": "l2", "coord_weight": 5.0, "obj": "squared_error", "obj_weight": 1.0,
+               "noobj": "squared_error", "noobj_weight": 0.5,
+               "cls": "squared_error_onehot", "cls_weight": 1.0},
       "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,
                   "pre_nms_topk": 0},
   }
