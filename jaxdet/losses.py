@@ -13,7 +13,8 @@ Two layers:
     `giou_loss(pred_boxes, target_boxes)`    1 - generalised IoU of aligned boxes
 * detector losses with the signature `(predictions, targets, mask, ...) -> (loss f32[], metrics)`,
   where every weight is a keyword argument (a config value) and every term of the loss appears
-  in the metrics: `yolo_loss`.
+  in the metrics; `yolo_loss`, `classification_loss` and `localization_loss` take their terms
+  (functions and weights) from the system's loss settings ("Loss terms" below).
 
 Masked entries (double `where`). Every loss replaces its inputs by harmless values where the mask
 is False *before* any arithmetic (`_sanitize`), not only its result after: a NaN or inf
@@ -529,6 +530,75 @@ def yolo_loss(predictions: Array, targets: dict[str, Array], mask: Array, *, num
   metrics["yolo/iou"] = masked_mean(iou, resp)
   metrics["yolo/objects"] = jnp.mean(jnp.sum(obj, axis=(1, 2)).astype(jnp.float32))
   return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification (pretraining on object crops) and localization as regression
+
+
+def classification_loss(logits: Array, labels: Array, mask: Array, *, terms,
+                        system: str = "classify") -> tuple[Array, dict[str, Array]]:
+  """The `cls` term of a classifier, averaged over the real examples of the global batch.
+
+  Args:
+    logits: f[N, K] class scores; labels: int[N] in [0, K) where the mask is True;
+    mask: bool[N] True = a real example (object crop, slot).
+    terms: the system's loss settings: `terms.fn("cls")` a "class" term (default
+      `softmax_cross_entropy`), `terms.weight("cls")` its weight.
+    system: the prefix of the diagnostic metric.
+  Returns:
+    loss f32[]; metrics {"loss/cls" (the weighted term = the loss), "<system>/accuracy" (argmax
+    = label, over real examples)}.
+  """
+  checks.check_array("logits", logits, ndim=2, dtype_kind="f")
+  checks.check_array("labels", labels, dtype_kind="iu", shape=logits.shape[:1])
+  checks.check_mask("mask", mask, "labels", labels.shape)
+  labels = jnp.where(mask, labels, 0).astype(jnp.int32)
+  per_example = terms.fn("cls")(logits.astype(jnp.float32), labels, mask)     # [N]
+  cls = terms.weight("cls") * global_batch.masked_mean(per_example, mask)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return cls, {"loss/cls": cls, f"{system}/accuracy": masked_mean(correct, mask)}
+
+
+def localization_loss(logits: Array, coords: Array, targets: dict[str, Array], *, terms,
+                      decode: Callable[[Array], Array]) -> tuple[Array, dict[str, Array]]:
+  """Localization as regression: a `cls` term on each slot's class and a `box` term on the
+  coordinates of its true class (or the shared ones), each averaged over the real slots of the
+  global batch and weighted; the loss is their sum. Defaults (`localization.Loss()`): softmax
+  cross-entropy and L2 (the squared error summed over the coordinates) with weights 1 and 10.
+
+  Args:
+    logits: f32[B, K, C] class scores of K slots; coords: f32[B, K, G, D] coordinate codes
+      (G = C per class or 1 shared; D = 4 a box, 2 a point).
+    targets: `localization.slot_targets` batched: coords f32[B, K, D], labels int[B, K],
+      mask bool[B, K] (slots without an object are ignored, NaN included).
+    terms: the system's loss settings (`jaxdet.models.localization.Loss`): `terms.fn(term)`
+      and `terms.weight(term)` for "cls" (a "class" term) and "box" (a "box" term, given the
+      codes f32[B * K, D]).
+    decode: codes f32[B * K, D] (slot-major rows) -> boxes f32[B * K, 4] (x1, y1, x2, y2)
+      pixels, for box terms on boxes (GIoU).
+  Returns:
+    loss f32[]; metrics {"loss/cls", "loss/box" (weighted; they add up to the loss),
+    "localization/accuracy"}.
+  """
+  checks.check_array("logits", logits, ndim=3, dtype_kind="f")
+  checks.check_array("coords", coords, ndim=4, dtype_kind="f")
+  b, k, c = logits.shape
+  d = coords.shape[-1]
+  mask = targets["mask"]
+  checks.check_mask("targets['mask']", mask, "logits[..., 0]", (b, k))
+  checks.check_array("targets['coords']", targets["coords"], dtype_kind="f", shape=(b, k, d))
+  labels = jnp.where(mask, targets["labels"], 0).astype(jnp.int32)          # [B, K]
+  cls, metrics = classification_loss(logits.reshape(b * k, c), labels.reshape(-1),
+                                     mask.reshape(-1), terms=terms, system="localization")
+  group = labels if coords.shape[2] > 1 else jnp.zeros_like(labels)
+  pred = jnp.take_along_axis(coords, group[..., None, None], axis=2)[:, :, 0]   # [B, K, D]
+  per_slot = terms.fn("box")(pred.reshape(-1, d).astype(jnp.float32),
+                             targets["coords"].reshape(-1, d).astype(jnp.float32),
+                             mask.reshape(-1), decode=decode)                    # [B * K]
+  box = terms.weight("box") * global_batch.masked_mean(per_slot.reshape(b, k), mask)
+  metrics["loss/box"] = box
+  return cls + box, metrics
 
 
 # ---------------------------------------------------------------------------------------------

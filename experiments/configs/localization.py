@@ -44,7 +44,9 @@ def get_config(preset: str = "cpu"):
         "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
                         "roi_size": 4, "dropout_rate": 0.3},
         "num_slots": 1, "targets": "boxes", "per_class": False, "box_head_at": "conv",
-        "box_fc_features": (256,), "box_weight": 10.0, "detach_box": True,
+        "box_fc_features": (256,), "detach_box": True,
+        "loss": {"cls": "softmax_cross_entropy", "cls_weight": 1.0, "box": "l2",
+                 "box_weight": 10.0},
     }
     config.data.name = "synthetic_single"
     config.data.num_train = 32768
@@ -66,7 +68,9 @@ def get_config(preset: str = "cpu"):
         "backbone": "vgg16", "backbone_kw": {},
         "pretrained": "",   # a local torchvision vgg16 weights file (ImageNet)
         "num_slots": 1, "targets": "boxes", "per_class": True, "box_head_at": "fc",
-        "box_fc_features": (4096,), "box_weight": 10.0, "detach_box": False,
+        "box_fc_features": (4096,), "detach_box": False,
+        "loss": {"cls": "softmax_cross_entropy", "cls_weight": 1.0, "box": "l2",
+                 "box_weight": 10.0},
     }
     config.data.resize.mode = "square"
     config.data.resize.square_size = 224
