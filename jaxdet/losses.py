@@ -444,13 +444,14 @@ YOLO_TERMS = ("coord", "obj", "noobj", "cls")
 def yolo_loss(predictions: Array, targets: dict[str, Array], mask: Array, *, num_boxes: int,
               terms, decode: Callable[[Array], Array]) -> tuple[Array, dict[str, Array]]:
   """The YOLO v1 sum-squared loss (Redmon et al. 2016, eq. 3) as four weighted terms, each
-  summed per image, then averaged over the batch. With the default terms (`yolo.Loss()`):
+  summed per image, then averaged over the batch. With the default terms (`yolo.Loss()`, the
+  paper's: coord_weight = lambda_coord = 5, noobj_weight = lambda_noobj = 0.5, the others 1):
 
-    coord: lambda_coord sum_ij 1obj_ij [(x_i - x^_i)^2 + (y_i - y^_i)^2
+    coord: coord_weight sum_ij 1obj_ij [(x_i - x^_i)^2 + (y_i - y^_i)^2
                                         + (sqrt w_i - sqrt w^_i)^2 + (sqrt h_i - sqrt h^_i)^2]
-    obj:   lambda_obj   sum_ij 1obj_ij (C_ij - IoU_ij)^2
-    noobj: lambda_noobj sum_ij (1 - 1obj_ij) C_ij^2
-    cls:   lambda_class sum_i 1obj_i sum_c (p_i(c) - p^_i(c))^2
+    obj:   obj_weight   sum_ij 1obj_ij (C_ij - IoU_ij)^2
+    noobj: noobj_weight sum_ij (1 - 1obj_ij) C_ij^2
+    cls:   cls_weight   sum_i 1obj_i sum_c (p_i(c) - p^_i(c))^2
 
   i runs over the S x S cells, j over the B predictors of a cell. 1obj_i: cell i holds an object
   centre (`mask`); 1obj_ij: predictor j is "responsible" for it (`targets["responsible"]`, the
