@@ -1,15 +1,16 @@
 """YOLO v1 (Redmon et al., "You Only Look Once", CVPR 2016): detection as one regression.
 
 One network maps the whole image to an S x S x (5B + C) tensor: for each grid cell, B boxes
-(x, y, sqrt w, sqrt h, confidence) and C class probabilities Pr(class | object). Parts:
+(x, y, sqrt w, sqrt h, confidence) and C class probabilities Pr(class | object). Parts, in
+the order of the module:
 
+* `Settings` (with its `Loss` and `Predict` sections): every option of `config.model`.
 * `YOLONet`: the network (conv layers with leaky ReLU 0.1, max pooling, two fc layers with
   dropout between them, linear outputs); `PAPER_LAYERS` (24 conv, 448 x 448 input, S = 7),
   `SMALL_LAYERS` (7 conv, 128 x 128 input, for the CPU) and the "tiny" variant: the lecture's
   shared tiny backbone (`jaxdet.models.backbones.get_backbone("tiny")`, pretrained for
   classification by a classify run and loaded by `config.model.init_from`, as the paper
   pretrains its first 20 conv layers on ImageNet) followed by `TINY_LAYERS`.
-* `Settings` (with its `Loss` and `Predict` sections): every option of `config.model`.
 * `encode_targets`: ground-truth boxes -> per-cell targets; `assign_predictors`: the
   responsible predictor of each object cell and its IoU (one image each; vmap them).
 * `jaxdet.losses.yolo_loss`: the paper's sum-squared loss as four named terms (`coord`, `obj`,

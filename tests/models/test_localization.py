@@ -204,15 +204,24 @@ def _batch(rng, n=2, size=16):
           "box_mask": jnp.array([[True, True], [True, False]])}
 
 
+MODEL = {"backbone_kw": KW, "num_slots": 2, "per_class": True, "box_fc_features": (8,)}
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_loss():
+  """A batch, variables and the loss of a small system with the built-in terms (computed once
+  for the parametrized test below)."""
+  batch = _batch(np.random.default_rng(0))
+  system = loc.build_system({"num_classes": C, "model": MODEL})
+  variables = system.init(jax.random.PRNGKey(0), batch)
+  return batch, variables, jax.jit(system.loss)(variables, batch, jax.random.PRNGKey(1))
+
+
 @pytest.mark.parametrize("term, custom", [("cls", "doubled_class"), ("box", "doubled_box_l2")])
-def test_loss_term_given_by_dotted_path_is_the_one_trained_with(rng, term, custom):
-  model = {"backbone_kw": KW, "num_slots": 2, "per_class": True, "box_fc_features": (8,)}
-  builtin = loc.build_system({"num_classes": C, "model": model})
+def test_loss_term_given_by_dotted_path_is_the_one_trained_with(term, custom):
+  batch, variables, (want, want_m, _) = _builtin_loss()
   mine = loc.build_system({"num_classes": C, "model": {
-      **model, "loss": {term: f"custom_terms:{custom}"}}})
-  batch = _batch(rng)
-  variables = builtin.init(jax.random.PRNGKey(0), batch)
-  want, want_m, _ = jax.jit(builtin.loss)(variables, batch, jax.random.PRNGKey(1))
+      **MODEL, "loss": {term: f"custom_terms:{custom}"}}})
   got, got_m, _ = jax.jit(mine.loss)(variables, batch, jax.random.PRNGKey(1))
   assert float(want_m[f"loss/{term}"]) > 0
   np.testing.assert_allclose(got_m[f"loss/{term}"], 2 * want_m[f"loss/{term}"], rtol=1e-5)

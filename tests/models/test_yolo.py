@@ -273,15 +273,22 @@ def _tiny_batch(rng, n=2, size=16, m=3):
           "box_mask": jnp.ones((n, m), bool)}
 
 
+@functools.lru_cache(maxsize=None)
+def _builtin_loss():
+  """A batch, variables and the loss of the tiny system with the built-in terms (computed once
+  for the parametrized test below)."""
+  batch = _tiny_batch(np.random.default_rng(0))
+  system = _tiny_system((4, 8))
+  variables = system.init(jax.random.key(0), batch)
+  return batch, variables, jax.jit(system.loss)(variables, batch, jax.random.key(1))
+
+
 @pytest.mark.parametrize("term, custom", [
     ("coord", "doubled_box_l2"), ("obj", "doubled_squared_error"),
     ("noobj", "doubled_squared_error"), ("cls", "doubled_squared_error_onehot")])
-def test_loss_term_given_by_dotted_path_is_the_one_trained_with(rng, term, custom):
-  batch = _tiny_batch(rng)
-  builtin = _tiny_system((4, 8))
+def test_loss_term_given_by_dotted_path_is_the_one_trained_with(term, custom):
+  batch, variables, (want, want_m, _) = _builtin_loss()
   mine = _tiny_system((4, 8), loss={term: f"custom_terms:{custom}"})
-  variables = builtin.init(jax.random.key(0), batch)
-  want, want_m, _ = jax.jit(builtin.loss)(variables, batch, jax.random.key(1))
   got, got_m, _ = jax.jit(mine.loss)(variables, batch, jax.random.key(1))
   assert float(want_m[f"loss/{term}"]) > 0
   np.testing.assert_allclose(got_m[f"loss/{term}"], 2 * want_m[f"loss/{term}"], rtol=1e-5)
