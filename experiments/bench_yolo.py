@@ -56,7 +56,7 @@ def run(size: str = "full", batch_sizes: tuple[int, ...] = (1, 64), dtype: str |
                       "predict": {"score_threshold": 0.005, "iou_threshold": 0.5,
                                   "max_detections": 100, "pre_nms_topk": 0}}}
   system = yolo.build_system(config)
-  net = system.extras["network"]
+  net = system.extras.network
   layers, fc_dim, _ = yolo.VARIANTS[s["variant"]]
   out_dim = s["grid"] ** 2 * (5 * s["boxes"] + s["classes"])
   flops_analytic = yolo.conv_flops(layers, s["image"], fc_dim, out_dim)

@@ -13,7 +13,8 @@ Two layers:
     `giou_loss(pred_boxes, target_boxes)`    1 - generalised IoU of aligned boxes
 * detector losses with the signature `(predictions, targets, mask, ...) -> (loss f32[], metrics)`,
   where every weight is a keyword argument (a config value) and every term of the loss appears
-  in the metrics: `yolo_loss`.
+  in the metrics; `yolo_loss`, `classification_loss` and `localization_loss` take their terms
+  (functions and weights) from the system's loss settings ("Loss terms" below).
 
 Masked entries (double `where`). Every loss replaces its inputs by harmless values where the mask
 is False *before* any arithmetic (`_sanitize`), not only its result after: a NaN or inf
@@ -437,101 +438,168 @@ def _safe_sqrt(x: Array) -> Array:
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
-def yolo_loss(predictions: Array, targets: dict[str, Array], mask: Array, *, num_boxes: int,
-              lambda_coord: float = 5.0, lambda_noobj: float = 0.5, lambda_obj: float = 1.0,
-              lambda_class: float = 1.0) -> tuple[Array, dict[str, Array]]:
-  """The YOLO v1 sum-squared loss (Redmon et al. 2016, eq. 3), summed per image, batch mean.
+YOLO_TERMS = ("coord", "obj", "noobj", "cls")
 
-    lambda_coord sum_ij 1obj_ij [(x_i - x^_i)^2 + (y_i - y^_i)^2]
-  + lambda_coord sum_ij 1obj_ij [(sqrt w_i - sqrt w^_i)^2 + (sqrt h_i - sqrt h^_i)^2]
-  + lambda_obj   sum_ij 1obj_ij (C_ij - IoU_ij)^2
-  + lambda_noobj sum_ij (1 - 1obj_ij) C_ij^2
-  + lambda_class sum_i 1obj_i sum_c (p_i(c) - p^_i(c))^2
+
+def yolo_loss(predictions: Array, targets: dict[str, Array], mask: Array, *, num_boxes: int,
+              terms, decode: Callable[[Array], Array]) -> tuple[Array, dict[str, Array]]:
+  """The YOLO v1 sum-squared loss (Redmon et al. 2016, eq. 3) as four weighted terms, each
+  summed per image, then averaged over the batch. With the default terms (`yolo.Loss()`, the
+  paper's: coord_weight = lambda_coord = 5, noobj_weight = lambda_noobj = 0.5, the others 1):
+
+    coord: coord_weight sum_ij 1obj_ij [(x_i - x^_i)^2 + (y_i - y^_i)^2
+                                        + (sqrt w_i - sqrt w^_i)^2 + (sqrt h_i - sqrt h^_i)^2]
+    obj:   obj_weight   sum_ij 1obj_ij (C_ij - IoU_ij)^2
+    noobj: noobj_weight sum_ij (1 - 1obj_ij) C_ij^2
+    cls:   cls_weight   sum_i 1obj_i sum_c (p_i(c) - p^_i(c))^2
 
   i runs over the S x S cells, j over the B predictors of a cell. 1obj_i: cell i holds an object
-  centre (`mask`). 1obj_ij: predictor j is "responsible" for that object: of the B predicted
-  boxes of the cell, the one with the highest current IoU with the target; ties go to the lowest
-  j, except that when no predictor overlaps the target (every IoU is 0) the one whose
-  (cx, cy, w, h) lies closest in squared distance is chosen, as darknet does. 1noobj_ij is the
-  complement of 1obj_ij, so the non-responsible predictors of an object's cell are pushed to
-  confidence 0 as well. The confidence target IoU_ij and the choice of responsible predictor are
-  constants (`stop_gradient`).
+  centre (`mask`); 1obj_ij: predictor j is "responsible" for it (`targets["responsible"]`, the
+  detector's target assignment, `jaxdet.models.yolo.assign_predictors`); 1noobj_ij is its
+  complement, so the non-responsible predictors of an object's cell are pushed to confidence 0
+  as well. The rows each term sees: coord the (x, y, sqrt w, sqrt h) codes of every predictor
+  against the object's (mask: responsible), obj and noobj the confidences (targets IoU and 0;
+  masks responsible and not), cls the C class outputs of every cell (mask: object cells).
 
   Layout of the last axis of `predictions` (the network's raw, linear outputs), per cell:
   B x (x, y, sqrt w, sqrt h, confidence), then C class probabilities. x, y: the box centre as an
   offset inside the cell, in cell units [0, 1]; sqrt w, sqrt h: square roots of the box width
   and height as fractions of the image width and height. Predicting the square roots (as darknet
-  does) makes the (sqrt w, sqrt h) term an ordinary squared error with gradients finite at
-  w, h = 0; the predicted box for the IoU has w = (sqrt w)^2.
+  does) makes the size an ordinary squared error with gradients finite at w, h = 0.
 
   Args:
     predictions: f[N, S, S, 5B + C] raw network outputs (any float dtype; computed in f32).
     targets: {"box": f32[N, S, S, 4] (x, y, w, h) of the cell's object in the units above,
-      "classes": f32[N, S, S, C] target class probabilities (one-hot)}; values in cells
-      without objects are ignored (NaN included: replaced before use, zero gradients).
+      "labels": int[N, S, S] its class, "responsible": bool[N, S, S, B], "iou": f32[N, S, S, B]
+      the obj term's targets (constants)}; values in cells without objects are ignored (NaN
+      included: replaced before use, zero gradients).
     mask: bool[N, S, S] True where a cell holds an object centre.
     num_boxes: B, the predictors per cell.
-    lambda_coord, lambda_noobj, lambda_obj, lambda_class: the term weights (paper: 5, 0.5, 1, 1).
+    terms: the system's loss settings (`jaxdet.models.yolo.Loss`): `terms.fn(term)` the
+      function and `terms.weight(term)` the weight of each term of YOLO_TERMS.
+    decode: (x, y, sqrt w, sqrt h) codes f32[..., 4] -> their boxes (x1, y1, x2, y2) in the
+      cell's frame (`jaxdet.models.yolo.predictor_boxes`), for the coord term.
   Returns:
-    loss: f32[], the weighted sum of the terms, per-image sums averaged over the batch.
-    metrics: {"loss/xy", "loss/wh", "loss/obj", "loss/noobj", "loss/class"} the weighted terms
-      (they add up to the loss), "yolo/iou" the mean IoU of the responsible predictors,
-      "yolo/objects" the mean number of object cells per image.
+    loss: f32[], the weighted sum of the terms.
+    metrics: {"loss/coord", "loss/obj", "loss/noobj", "loss/cls"} the weighted terms (they add
+      up to the loss), "yolo/iou" the mean IoU of the responsible predictors, "yolo/objects"
+      the mean number of object cells per image.
   """
   checks.check_array("predictions", predictions, ndim=4, dtype_kind="f")
   n, s = predictions.shape[:2]
   checks.check_array("predictions", predictions, shape=(None, s, s, None))  # square S x S
   if not isinstance(num_boxes, int) or num_boxes < 1:
     raise ValueError(f"num_boxes: expected a positive int, got {num_boxes!r}")
-  for name, value in (("lambda_coord", lambda_coord), ("lambda_noobj", lambda_noobj),
-                      ("lambda_obj", lambda_obj), ("lambda_class", lambda_class)):
-    checks.check_positive(name, value, allow_zero=True)
-  if not isinstance(targets, dict) or not {"box", "classes"} <= set(targets):
-    raise ValueError(f"targets: expected a dict with 'box' and 'classes', got {targets!r}"[:200])
+  keys = {"box", "labels", "responsible", "iou"}
+  if not isinstance(targets, dict) or not keys <= set(targets):
+    raise ValueError(f"targets: expected a dict with {sorted(keys)}, got {targets!r}"[:200])
+  b = num_boxes
   checks.check_array("targets['box']", targets["box"], dtype_kind="f", shape=(n, s, s, 4))
-  checks.check_array("targets['classes']", targets["classes"], ndim=4, dtype_kind="f",
-                     shape=(n, s, s, None))
-  c = targets["classes"].shape[-1]
-  checks.check_array("predictions", predictions, last_dim=5 * num_boxes + c)  # 5B + C
+  checks.check_array("targets['labels']", targets["labels"], dtype_kind="iu", shape=(n, s, s))
+  checks.check_array("targets['responsible']", targets["responsible"], dtype_kind="b",
+                     shape=(n, s, s, b))
+  checks.check_array("targets['iou']", targets["iou"], dtype_kind="f", shape=(n, s, s, b))
+  if predictions.shape[-1] <= 5 * b:
+    raise ValueError(f"predictions: expected last dimension 5B + C > {5 * b} for B={b}, got "
+                     f"shape {tuple(predictions.shape)}")
+  c = predictions.shape[-1] - 5 * b
   checks.check_mask("mask", mask, "predictions[..., 0]", (n, s, s))
 
   p = predictions.astype(jnp.float32)
-  pb = p[..., :5 * num_boxes].reshape(n, s, s, num_boxes, 5)         # [N, S, S, B, 5]
-  p_cls = p[..., 5 * num_boxes:]                                      # [N, S, S, C]
-  obj = mask                                                          # [N, S, S]
-  t_box = _sanitize(targets["box"].astype(jnp.float32), obj[..., None])      # [N, S, S, 4]
-  t_cls = _sanitize(targets["classes"].astype(jnp.float32), obj[..., None])  # [N, S, S, C]
-
-  # Boxes as (cx, cy, w, h) in image fractions relative to the cell's corner (the cell offset
-  # is common to both boxes and cancels in the IoU).
-  pred_cxcywh = jnp.concatenate([pb[..., :2] / s, jnp.square(pb[..., 2:4])], -1)  # [N,S,S,B,4]
-  t_cxcywh = jnp.concatenate([t_box[..., :2] / s, t_box[..., 2:]], -1)[..., None, :]  # [N,S,S,1,4]
-  iou = jax.lax.stop_gradient(boxes.elementwise_box_iou(
-      boxes.cxcywh_to_xyxy(pred_cxcywh), boxes.cxcywh_to_xyxy(t_cxcywh)))  # [N, S, S, B]
-  dist = jax.lax.stop_gradient(jnp.sum(jnp.square(pred_cxcywh - t_cxcywh), -1))  # [N, S, S, B]
-  any_overlap = jnp.any(iou > 0.0, axis=-1, keepdims=True)            # [N, S, S, 1]
-  best = jnp.argmax(jnp.where(any_overlap, iou, -dist), axis=-1)      # [N, S, S]
-  resp = jax.nn.one_hot(best, num_boxes, dtype=bool) & obj[..., None]  # [N, S, S, B]
-
-  t_sqrt_wh = _safe_sqrt(t_box[..., None, 2:])                        # [N, S, S, 1, 2]
-  xy = jnp.sum(jnp.square(pb[..., :2] - t_box[..., None, :2]), -1)    # [N, S, S, B]
-  wh = jnp.sum(jnp.square(pb[..., 2:4] - t_sqrt_wh), -1)              # [N, S, S, B]
-  conf = pb[..., 4]                                                   # [N, S, S, B]
-  per_image = lambda x: jnp.sum(x, axis=tuple(range(1, x.ndim)))      # noqa: E731
-  terms = {
-      "loss/xy": lambda_coord * per_image(jnp.where(resp, xy, 0.0)),
-      "loss/wh": lambda_coord * per_image(jnp.where(resp, wh, 0.0)),
-      "loss/obj": lambda_obj * per_image(jnp.where(resp, jnp.square(conf - iou), 0.0)),
-      "loss/noobj": lambda_noobj * per_image(jnp.where(resp, 0.0, jnp.square(conf))),
-      "loss/class": lambda_class * per_image(
-          jnp.where(obj[..., None], jnp.square(p_cls - t_cls), 0.0)),
+  pb = p[..., :5 * b].reshape(n, s, s, b, 5)                            # [N, S, S, B, 5]
+  obj = mask                                                            # [N, S, S]
+  resp = targets["responsible"] & obj[..., None]                        # [N, S, S, B]
+  t_box = _sanitize(targets["box"].astype(jnp.float32), obj[..., None])  # [N, S, S, 4]
+  t_codes = jnp.concatenate([t_box[..., :2], _safe_sqrt(t_box[..., 2:])], -1)
+  t_codes = jnp.broadcast_to(t_codes[..., None, :], pb[..., :4].shape)  # [N, S, S, B, 4]
+  iou = jax.lax.stop_gradient(_sanitize(targets["iou"].astype(jnp.float32), resp))
+  labels = jnp.where(obj, targets["labels"], 0).astype(jnp.int32)       # [N, S, S]
+  conf = pb[..., 4].reshape(-1)                                         # [N*S*S*B]
+  rows = resp.reshape(-1)                                               # [N*S*S*B]
+  per_element = {
+      "coord": terms.fn("coord")(pb[..., :4].reshape(-1, 4), t_codes.reshape(-1, 4), rows,
+                                 decode=decode),
+      "obj": terms.fn("obj")(conf, iou.reshape(-1), rows),
+      "noobj": terms.fn("noobj")(conf, jnp.zeros_like(conf), ~rows),
+      "cls": terms.fn("cls")(p[..., 5 * b:].reshape(-1, c), labels.reshape(-1), obj.reshape(-1)),
   }
-  terms = {k: jnp.mean(v) for k, v in terms.items()}                  # batch mean of image sums
-  loss = sum(terms.values())
-  metrics = dict(terms)
+  metrics = {}
+  for term in YOLO_TERMS:   # per-image sums, batch mean (a fixed count: global as it is)
+    per_image = jnp.sum(per_element[term].astype(jnp.float32).reshape(n, -1), axis=1)
+    metrics[f"loss/{term}"] = terms.weight(term) * jnp.mean(per_image)
+  loss = sum(metrics[f"loss/{term}"] for term in YOLO_TERMS)
   metrics["yolo/iou"] = masked_mean(iou, resp)
   metrics["yolo/objects"] = jnp.mean(jnp.sum(obj, axis=(1, 2)).astype(jnp.float32))
   return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification (pretraining on object crops) and localization as regression
+
+
+def classification_loss(logits: Array, labels: Array, mask: Array, *, terms,
+                        system: str = "classify") -> tuple[Array, dict[str, Array]]:
+  """The `cls` term of a classifier, averaged over the real examples of the global batch.
+
+  Args:
+    logits: f[N, K] class scores; labels: int[N] in [0, K) where the mask is True;
+    mask: bool[N] True = a real example (object crop, slot).
+    terms: the system's loss settings: `terms.fn("cls")` a "class" term (default
+      `softmax_cross_entropy`), `terms.weight("cls")` its weight.
+    system: the prefix of the diagnostic metric.
+  Returns:
+    loss f32[]; metrics {"loss/cls" (the weighted term = the loss), "<system>/accuracy" (argmax
+    = label, over real examples)}.
+  """
+  checks.check_array("logits", logits, ndim=2, dtype_kind="f")
+  checks.check_array("labels", labels, dtype_kind="iu", shape=logits.shape[:1])
+  checks.check_mask("mask", mask, "labels", labels.shape)
+  labels = jnp.where(mask, labels, 0).astype(jnp.int32)
+  per_example = terms.fn("cls")(logits.astype(jnp.float32), labels, mask)     # [N]
+  cls = terms.weight("cls") * global_batch.masked_mean(per_example, mask)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return cls, {"loss/cls": cls, f"{system}/accuracy": masked_mean(correct, mask)}
+
+
+def localization_loss(logits: Array, coords: Array, targets: dict[str, Array], *, terms,
+                      decode: Callable[[Array], Array]) -> tuple[Array, dict[str, Array]]:
+  """Localization as regression: a `cls` term on each slot's class and a `box` term on the
+  coordinates of its true class (or the shared ones), each averaged over the real slots of the
+  global batch and weighted; the loss is their sum. Defaults (`localization.Loss()`): softmax
+  cross-entropy and L2 (the squared error summed over the coordinates) with weights 1 and 10.
+
+  Args:
+    logits: f32[B, K, C] class scores of K slots; coords: f32[B, K, G, D] coordinate codes
+      (G = C per class or 1 shared; D = 4 a box, 2 a point).
+    targets: `localization.slot_targets` batched: coords f32[B, K, D], labels int[B, K],
+      mask bool[B, K] (slots without an object are ignored, NaN included).
+    terms: the system's loss settings (`jaxdet.models.localization.Loss`): `terms.fn(term)`
+      and `terms.weight(term)` for "cls" (a "class" term) and "box" (a "box" term, given the
+      codes f32[B * K, D]).
+    decode: codes f32[B * K, D] (slot-major rows) -> boxes f32[B * K, 4] (x1, y1, x2, y2)
+      pixels, for box terms on boxes (GIoU).
+  Returns:
+    loss f32[]; metrics {"loss/cls", "loss/box" (weighted; they add up to the loss),
+    "localization/accuracy"}.
+  """
+  checks.check_array("logits", logits, ndim=3, dtype_kind="f")
+  checks.check_array("coords", coords, ndim=4, dtype_kind="f")
+  b, k, c = logits.shape
+  d = coords.shape[-1]
+  mask = targets["mask"]
+  checks.check_mask("targets['mask']", mask, "logits[..., 0]", (b, k))
+  checks.check_array("targets['coords']", targets["coords"], dtype_kind="f", shape=(b, k, d))
+  labels = jnp.where(mask, targets["labels"], 0).astype(jnp.int32)          # [B, K]
+  cls, metrics = classification_loss(logits.reshape(b * k, c), labels.reshape(-1),
+                                     mask.reshape(-1), terms=terms, system="localization")
+  group = labels if coords.shape[2] > 1 else jnp.zeros_like(labels)
+  pred = jnp.take_along_axis(coords, group[..., None, None], axis=2)[:, :, 0]   # [B, K, D]
+  per_slot = terms.fn("box")(pred.reshape(-1, d).astype(jnp.float32),
+                             targets["coords"].reshape(-1, d).astype(jnp.float32),
+                             mask.reshape(-1), decode=decode)                    # [B * K]
+  box = terms.weight("box") * global_batch.masked_mean(per_slot.reshape(b, k), mask)
+  metrics["loss/box"] = box
+  return cls + box, metrics
 
 
 # ---------------------------------------------------------------------------------------------

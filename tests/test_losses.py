@@ -1,11 +1,14 @@
 """jaxdet.losses against float64 NumPy references written from the papers' formulas."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdet import losses
+from jaxdet.models import yolo
 
 
 # --- generic pieces -----------------------------------------------------------------------------
@@ -179,25 +182,37 @@ def _random_yolo_inputs(rng, n=2, s=3, B=2, C=3):
   return pred, t_box, t_cls, mask
 
 
+def _yolo_loss(pred, t_box, t_cls, mask, loss=None, B=2):
+  """jaxdet's YOLO loss as the system computes it: the detector's target assignment
+  (`yolo.assign_predictors`), then `losses.yolo_loss` with the terms of `loss` (a yolo.Loss)."""
+  s = pred.shape[1]
+  t = {"box": jnp.asarray(t_box), "labels": jnp.argmax(jnp.asarray(t_cls), -1).astype(jnp.int32),
+       "mask": jnp.asarray(mask)}
+  t.update(jax.vmap(functools.partial(yolo.assign_predictors, num_boxes=B))(jnp.asarray(pred), t))
+  return losses.yolo_loss(pred, t, t["mask"], num_boxes=B, terms=loss or yolo.Loss(),
+                          decode=functools.partial(yolo.predictor_boxes, grid_size=s))
+
+
 def test_yolo_loss_matches_loop_reference(rng):
   pred, t_box, t_cls, mask = _random_yolo_inputs(rng)
-  weights = dict(lambda_coord=rng.uniform(1, 6), lambda_noobj=rng.uniform(0.1, 1),
-                 lambda_obj=rng.uniform(0.5, 2), lambda_class=rng.uniform(0.5, 2))
-  fn = jax.jit(lambda p, tb, tc, m: losses.yolo_loss(p, {"box": tb, "classes": tc}, m,
-                                                     num_boxes=2, **weights))
-  loss, metrics = fn(pred, t_box, t_cls, mask)
-  ref = _yolo_loss_ref(pred, t_box, t_cls, mask, 2, weights["lambda_coord"],
-                       weights["lambda_noobj"], weights["lambda_obj"], weights["lambda_class"])
-  for key, ref_key in [("xy", "xy"), ("wh", "wh"), ("obj", "obj"), ("noobj", "noobj"),
-                       ("class", "cls")]:
-    np.testing.assert_allclose(metrics[f"loss/{key}"], ref[ref_key], rtol=1e-4, atol=1e-5,
+  weights = dict(coord_weight=rng.uniform(1, 6), noobj_weight=rng.uniform(0.1, 1),
+                 obj_weight=rng.uniform(0.5, 2), cls_weight=rng.uniform(0.5, 2))
+  loss, metrics = jax.jit(lambda *a: _yolo_loss(*a, loss=yolo.Loss(**weights)))(
+      pred, t_box, t_cls, mask)
+  ref = _yolo_loss_ref(pred, t_box, t_cls, mask, 2, weights["coord_weight"],
+                       weights["noobj_weight"], weights["obj_weight"], weights["cls_weight"])
+  ref["coord"] = ref.pop("xy") + ref.pop("wh")     # the paper's two coordinate lines
+  assert {k for k in metrics if k.startswith("loss/")} == {f"loss/{k}" for k in ref}
+  for key in ref:
+    np.testing.assert_allclose(metrics[f"loss/{key}"], ref[key], rtol=1e-4, atol=1e-5,
                                err_msg=key)
   np.testing.assert_allclose(loss, sum(ref.values()), rtol=1e-4)
   np.testing.assert_allclose(metrics["yolo/objects"], mask.sum() / 2, rtol=1e-6)
-  # The paper's defaults are the defaults.
-  loss_default, _ = losses.yolo_loss(pred, {"box": t_box, "classes": t_cls}, mask, num_boxes=2)
+  # The default terms (l2, squared errors, weights 5, 1, 0.5, 1) are the paper's eq. 3.
+  loss_default, m_default = _yolo_loss(pred, t_box, t_cls, mask)
   ref = _yolo_loss_ref(pred, t_box, t_cls, mask, 2, 5.0, 0.5, 1.0, 1.0)
   np.testing.assert_allclose(loss_default, sum(ref.values()), rtol=1e-4)
+  np.testing.assert_allclose(m_default["loss/coord"], ref["xy"] + ref["wh"], rtol=1e-4)
 
 
 def test_yolo_loss_gradients_finite_at_zero_size_and_empty_images(rng):
@@ -206,35 +221,36 @@ def test_yolo_loss_gradients_finite_at_zero_size_and_empty_images(rng):
   pred.reshape(*pred.shape[:3], -1)[..., 2:4] = 0.0     # predictor 0: sqrt w = sqrt h = 0
   t_box[..., 2:] = 0.0                                  # zero-size targets
   mask[1] = False                                       # an image without objects
-  grad_fn = jax.grad(lambda p, m: losses.yolo_loss(
-      p, {"box": jnp.asarray(t_box), "classes": jnp.asarray(t_cls)}, m, num_boxes=2)[0])
-  g = grad_fn(jnp.asarray(pred), jnp.asarray(mask))
-  assert np.isfinite(np.asarray(g)).all()
-  assert np.abs(np.asarray(g)).sum() > 0
-  g_empty = grad_fn(jnp.asarray(pred), jnp.zeros_like(mask))
-  assert np.isfinite(np.asarray(g_empty)).all()
+  for loss in (yolo.Loss(), yolo.Loss(coord="giou")):
+    grad_fn = jax.grad(lambda p, m: _yolo_loss(p, t_box, t_cls, m, loss=loss)[0])
+    g = grad_fn(jnp.asarray(pred), jnp.asarray(mask))
+    assert np.isfinite(np.asarray(g)).all()
+    assert np.abs(np.asarray(g)).sum() > 0
+    g_empty = grad_fn(jnp.asarray(pred), jnp.zeros_like(mask))
+    assert np.isfinite(np.asarray(g_empty)).all()
   # Empty images: only the no-object confidence term remains.
-  _, m = losses.yolo_loss(pred, {"box": t_box, "classes": t_cls}, np.zeros_like(mask),
-                          num_boxes=2)
+  _, m = _yolo_loss(pred, t_box, t_cls, np.zeros_like(mask))
   conf = pred[..., :10].reshape(2, 3, 3, 2, 5)[..., 4].astype(np.float64)
   np.testing.assert_allclose(m["loss/noobj"], 0.5 * (conf ** 2).sum() / 2, rtol=1e-5)
-  assert float(m["loss/xy"] + m["loss/wh"] + m["loss/obj"] + m["loss/class"]) == 0.0
+  assert float(m["loss/coord"] + m["loss/obj"] + m["loss/cls"]) == 0.0
 
 
 def test_yolo_loss_errors():
   pred = jnp.zeros((1, 3, 3, 13))
-  bad = jnp.zeros((1, 3, 3, 12))
-  tgt = {"box": jnp.zeros((1, 3, 3, 4)), "classes": jnp.zeros((1, 3, 3, 3))}
+  bad = jnp.zeros((1, 3, 3, 10))                          # 5B + C with C = 0
+  tgt = {"box": jnp.zeros((1, 3, 3, 4)), "labels": jnp.zeros((1, 3, 3), jnp.int32),
+         "responsible": jnp.zeros((1, 3, 3, 2), bool), "iou": jnp.zeros((1, 3, 3, 2))}
   mask = jnp.zeros((1, 3, 3), bool)
-  with pytest.raises(ValueError, match="predictions: expected last dimension 13"):
-    losses.yolo_loss(bad, tgt, mask, num_boxes=2)
+  kw = dict(terms=yolo.Loss(), decode=functools.partial(yolo.predictor_boxes, grid_size=3))
+  with pytest.raises(ValueError, match="predictions: expected last dimension 5B"):
+    losses.yolo_loss(bad, tgt, mask, num_boxes=2, **kw)
   with pytest.raises(ValueError, match=r"predictions: expected shape \(\?, 3, 3, \?\)"):
-    losses.yolo_loss(jnp.zeros((1, 3, 4, 13)), tgt, mask, num_boxes=2)
+    losses.yolo_loss(jnp.zeros((1, 3, 4, 13)), tgt, mask, num_boxes=2, **kw)
   with pytest.raises(ValueError, match="num_boxes: expected a positive int"):
-    losses.yolo_loss(pred, tgt, mask, num_boxes=0)
-  with pytest.raises(ValueError, match="lambda_noobj: expected values >= 0"):
-    losses.yolo_loss(pred, tgt, mask, num_boxes=2, lambda_noobj=-0.5)
+    losses.yolo_loss(pred, tgt, mask, num_boxes=0, **kw)
+  with pytest.raises(ValueError, match=r"targets\['responsible'\]: expected shape"):
+    losses.yolo_loss(pred, tgt, mask, num_boxes=1, **kw)
   with pytest.raises(TypeError, match="mask: expected a bool"):
-    losses.yolo_loss(pred, tgt, mask.astype(jnp.float32), num_boxes=2)
+    losses.yolo_loss(pred, tgt, mask.astype(jnp.float32), num_boxes=2, **kw)
   with pytest.raises(ValueError, match="targets: expected a dict"):
-    losses.yolo_loss(pred, {"box": tgt["box"]}, mask, num_boxes=2)
+    losses.yolo_loss(pred, {"box": tgt["box"]}, mask, num_boxes=2, **kw)

@@ -28,6 +28,7 @@ def get_config(preset: str = "cpu"):
         "backbone_kw": {"stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128),
                         "roi_size": 4, "dropout_rate": 0.3},
         "input_size": 32, "context": 1.2, "jitter": 0.15,
+        "loss": {"cls": "softmax_cross_entropy", "cls_weight": 1.0},
     }
     config.train.num_steps = 600
     config.train.batch_size = 16

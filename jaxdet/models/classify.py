@@ -2,7 +2,8 @@
 
 Each ground-truth object of an image is cropped (a square around its box, jittered in size and
 position while training) and resized to `input_size` pixels; the backbone's `Classifier`
-(`jaxdet.models.backbones.classifier`) learns its class with a softmax cross-entropy. Its
+(`jaxdet.models.backbones.classifier`) learns its class with a softmax cross-entropy (the
+`cls` term of `config.model.loss`, `Loss`; `jaxdet.losses.classification_loss`). Its
 parameters {"conv", "fc", "head"} carry the conv and fc weights the detectors start from.
 
 `predict` classifies the crops of the ground-truth boxes: one detection per real object (its
@@ -13,20 +14,51 @@ detections measures classification given perfect boxes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import global_batch, losses
+from jaxdet import checks, global_batch, losses
 from jaxdet.models import backbones
-from jaxdet.models.settings import merge_settings
+from jaxdet.models import settings
 from jaxdet.ops import windows as win
 from jaxdet.system import System
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(settings.LossSettings):
+  """`config.model.loss` (`jaxdet.losses.classification_loss`): the crop's class."""
+  TERMS = {"cls": "class"}
+  cls: str = "softmax_cross_entropy"
+  cls_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """`config.model` of classification pretraining (a top-level `config.num_classes` wins)."""
+  num_classes: int = 6
+  backbone: str = "tiny"
+  backbone_kw: dict = dataclasses.field(default_factory=lambda: {
+      "stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128), "roi_size": 4,
+      "dropout_rate": 0.3})
+  input_size: int = 32               # crop side, pixels
+  context: float = 1.2               # crop side / longer box side
+  jitter: float = 0.15               # crop scale and position jitter while training
+  loss: Loss = Loss()
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.num_classes", self.num_classes)
+    checks.check_positive(f"{where}.input_size", self.input_size)
+    checks.check_positive(f"{where}.context", self.context)
+    if not 0.0 <= self.jitter < 1.0:
+      raise ValueError(f"{where}.jitter: expected a value in [0, 1), got {self.jitter!r}")
 
 
 def object_crops(key: Array | None, boxes: Array, *, context: float = 1.2,
@@ -66,36 +98,31 @@ def classification_metrics(gts: Sequence[Mapping[str, Any]], dets: Sequence[Mapp
   return {"accuracy": right / max(total, 1)}
 
 
-MODEL_DEFAULTS: dict[str, Any] = {
-    "backbone": "tiny",
-    "backbone_kw": {"stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128),
-                    "roi_size": 4, "dropout_rate": 0.3},
-    "input_size": 32,      # crop side, pixels
-    "context": 1.2,        # crop side / longer box side
-    "jitter": 0.15,
-}
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """`System.extras` of classify: its settings and its network (flax module)."""
+  settings: Settings
+  network: nn.Module
 
 
 def build_system(config: Any) -> System:
-  """The "classify" System from an experiment config (keys: MODEL_DEFAULTS)."""
-  model = config["model"] if "model" in config else {}
-  given = {k: v for k, v in model.items() if k != "num_classes"}   # config.num_classes wins
-  m = merge_settings(MODEL_DEFAULTS, given, "config.model")
-  c = int(config["num_classes"])
+  """The "classify" System from an experiment config: `Settings.from_config(config)` and
+  `config.compute_dtype`."""
+  m = Settings.from_config(config)
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  parts = backbones.get_backbone(m["backbone"], dtype=dtype, **dict(m["backbone_kw"]))
-  net = backbones.classifier(parts, c)
-  size = int(m["input_size"])
+  parts = backbones.get_backbone(m.backbone, dtype=dtype, **m.backbone_kw)
+  net = backbones.classifier(parts, m.num_classes)
+  size = m.input_size
   mutable = ["batch_stats"] if not parts.dense_fc else False
 
   def crops(batch, key):
     b, mb = batch["boxes"].shape[:2]
-    keys = global_batch.example_keys(key, b) if key is not None else [None] * b
     if key is None:
-      wins = jax.vmap(lambda bx: object_crops(None, bx, context=m["context"]))(batch["boxes"])
+      wins = jax.vmap(lambda bx: object_crops(None, bx, context=m.context))(batch["boxes"])
     else:
-      wins = jax.vmap(lambda k, bx: object_crops(k, bx, context=m["context"],
-                                                 jitter=m["jitter"]))(keys, batch["boxes"])
+      keys = global_batch.example_keys(key, b)
+      wins = jax.vmap(lambda k, bx: object_crops(k, bx, context=m.context,
+                                                 jitter=m.jitter))(keys, batch["boxes"])
     x = jax.vmap(functools.partial(win.crop_windows, size=size))(batch["image"], wins)
     return backbones.normalize_images(x.reshape(b * mb, size, size, 3), dtype)
 
@@ -108,21 +135,20 @@ def build_system(config: Any) -> System:
     out = net.apply(variables, crops(batch, k_crop), train=True, rngs={"dropout": k_drop},
                     mutable=mutable)
     logits, new_state = out if mutable else (out, {})
-    labels, mask = batch["labels"].reshape(-1), batch["box_mask"].reshape(-1)
-    ce = global_batch.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
-    acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
-    return ce, {"loss/class": ce, "accuracy": acc}, dict(new_state)
+    value, metrics = losses.classification_loss(
+        logits, batch["labels"].reshape(-1), batch["box_mask"].reshape(-1), terms=m.loss)
+    return value, metrics, dict(new_state)
 
   def predict(variables, batch):
     b, mb = batch["boxes"].shape[:2]
     probs = jax.nn.softmax(net.apply(variables, crops(batch, None), train=False).astype(
-        jnp.float32), -1).reshape(b, mb, c)
+        jnp.float32), -1).reshape(b, mb, m.num_classes)
     mask = batch["box_mask"]
     return {"boxes": jnp.where(mask[..., None], batch["boxes"].astype(jnp.float32), 0.0),
             "scores": jnp.where(mask, jnp.max(probs, -1), 0.0),
             "labels": jnp.where(mask, jnp.argmax(probs, -1), 0).astype(jnp.int32),
             "valid": mask}
 
-  return System(name="classify", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net}, eval_metrics=classification_metrics,
-                eval_metric_names=("accuracy",))
+  return System(name="classify", num_classes=m.num_classes, init=init, loss=loss,
+                predict=predict, extras=Extras(settings=m, network=net),
+                eval_metrics=classification_metrics, eval_metric_names=("accuracy",))

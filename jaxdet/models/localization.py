@@ -8,6 +8,11 @@ classes and coordinates normalised by the image size:
   * targets "points": K keypoints (x / W, y / H) (as in pose estimation); with the synthetic
     data the keypoints are the objects' box centres.
 
+The loss (`jaxdet.losses.localization_loss`) has two terms, chosen and weighted in
+`config.model.loss` (`Loss`): `cls` (softmax cross-entropy) and `box` (L2 on the codes above,
+summed over the coordinates; its `decode`, `coords_to_boxes`, gives pixel boxes, points as
+zero-size boxes, and with targets "points" the term gets f32[N, 2] codes).
+
 The coordinate head attaches after the last conv layer (its own fc layers on the pooled conv
 features, `box_head_at="conv"`) or after the last fc layer (sharing the classifier's fc
 features, `box_head_at="fc"`), and predicts one set of coordinates per class (`per_class`) or
@@ -17,11 +22,14 @@ then y), padding slots are masked out of the loss.
 Evaluation: `predict` returns K detections per image (slot k's box of its argmax class, scored
 by the class probability); `localization_metrics` (also `System.eval_metrics`)
 computes classification accuracy and the ILSVRC localization criterion (right class and
-IoU >= 0.5) on the host.
+IoU >= 0.5) on the host. `build_system(config)` wires it (`Settings` holds every option;
+`System.extras` is an `Extras`: settings, network).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -29,16 +37,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet import checks, global_batch, losses
+from jaxdet import checks, losses
 from jaxdet.models import backbones
-from jaxdet.models.settings import merge_settings
+from jaxdet.models import init_from
+from jaxdet.models import settings
 from jaxdet.ops.boxes import clip_boxes
 from jaxdet.system import System
-from jaxdet.models import init_from
 
 Array = jax.Array
 
 TARGETS = {"boxes": 4, "points": 2}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(settings.LossSettings):
+  """`config.model.loss` (`jaxdet.losses.localization_loss`): the slot's class and its
+  coordinates (fractions of the image size; `decode` gives pixel boxes)."""
+  TERMS = {"cls": "class", "box": "box"}
+  cls: str = "softmax_cross_entropy"
+  cls_weight: float = 1.0
+  box: str = "l2"
+  box_weight: float = 10.0   # coordinates are fractions of the image: squared errors ~ 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """`config.model` of localization as regression (a top-level `config.num_classes` wins)."""
+  num_classes: int = 6
+  backbone: str = "tiny"
+  backbone_kw: dict = dataclasses.field(default_factory=lambda: {
+      "stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256), "roi_size": 4,
+      "dropout_rate": 0.3})
+  num_slots: int = 1                 # K
+  targets: str = "boxes"             # "boxes" | "points"
+  per_class: bool = False            # one box per class, or one shared box
+  box_head_at: str = "fc"            # "fc" | "conv"
+  box_fc_features: tuple = (256,)    # the conv-attached head's own fc layers
+  detach_box: bool = False           # box loss trains the box layers only (stop_gradient)
+  pretrained: str = ""               # a local torchvision weights file of the backbone
+  init_from: str = ""                # a finished classify run's workdir (same backbone)
+  loss: Loss = Loss()
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.num_classes", self.num_classes)
+    checks.check_positive(f"{where}.num_slots", self.num_slots)
+    if self.targets not in TARGETS:
+      raise ValueError(f"{where}.targets: expected one of {sorted(TARGETS)}, "
+                       f"got {self.targets!r}")
+    if self.box_head_at not in ("fc", "conv"):
+      raise ValueError(f"{where}.box_head_at: expected 'fc' or 'conv', "
+                       f"got {self.box_head_at!r}")
+    if self.targets == "points" and self.loss.box == "giou":
+      raise ValueError(f"{where}.loss.box: 'giou' needs boxes; targets 'points' are points "
+                       f"(use a loss on coordinates, e.g. 'l2')")
 
 
 class LocalizationNet(nn.Module):
@@ -136,36 +190,28 @@ def slot_targets(boxes: Array, labels: Array, mask: Array, image_size: Array, *,
           "mask": slot_mask}
 
 
-def localization_loss(logits: Array, coords: Array, targets: Mapping[str, Array], *,
-                      box_weight: float = 1.0) -> tuple[Array, dict[str, Array]]:
-  """Softmax CE on the slot classes + box_weight * L2 on the coordinates (of the true class).
+def coords_to_boxes(coords: Array, image_size: Array) -> Array:
+  """Coordinate codes (fractions of the image size) -> pixel boxes, as they are (not ordered
+  or clipped; the `box` loss term's `decode`).
 
   Args:
-    logits: f32[B, K, C]; coords: f32[B, K, G, D] (G = C per class, or 1).
-    targets: `slot_targets` batched: coords f32[B, K, D], labels i32[B, K], mask bool[B, K].
-    box_weight: weight of the coordinate loss.
+    coords: f32[..., D] (x1, y1, x2, y2) (D = 4) or a point (x, y) (D = 2, a zero-size box).
+    image_size: i32 or f32[..., 2] (height, width), broadcastable to coords' leading axes.
   Returns:
-    (loss f32[], {"loss/class", "loss/box", "accuracy"}); the L2 term is the squared error
-    summed over the D coordinates, averaged over real slots.
+    f32[..., 4] (x1, y1, x2, y2) pixels.
   """
-  checks.check_array("logits", logits, ndim=3, dtype_kind="f")
-  checks.check_array("coords", coords, ndim=4, dtype_kind="f")
-  mask, labels = targets["mask"], targets["labels"]
-  ce = global_batch.masked_mean(losses.softmax_cross_entropy(logits, labels, mask), mask)
-  group = labels if coords.shape[2] > 1 else jnp.zeros_like(labels)
-  pred = jnp.take_along_axis(coords, group[..., None, None], axis=2)[:, :, 0]   # [B, K, D]
-  l2 = jnp.sum(losses.l2(pred, targets["coords"], mask[..., None]), axis=-1)
-  box = global_batch.masked_mean(l2, mask)
-  acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
-  return ce + box_weight * box, {"loss/class": ce, "loss/box": box, "accuracy": acc}
+  c = coords.astype(jnp.float32)
+  if c.shape[-1] == 2:
+    c = jnp.concatenate([c, c], -1)
+  hw = jnp.asarray(image_size).astype(jnp.float32)
+  return c * jnp.stack([hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]], -1)
 
 
-def decode_slots(logits: Array, coords: Array, image_size: Array, *,
-                 targets: str = "boxes") -> dict[str, Array]:
+def decode_slots(logits: Array, coords: Array, image_size: Array) -> dict[str, Array]:
   """One image's K slots -> detections: argmax class, its probability and its box in pixels.
 
   Args:
-    logits: f32[K, C]; coords: f32[K, G, D]; image_size: i32[2].
+    logits: f32[K, C]; coords: f32[K, G, D] (D = 4 boxes, 2 points); image_size: i32[2].
   Returns:
     boxes f32[K, 4] (points give zero-size boxes at the point), scores f32[K], labels i32[K],
     valid bool[K] (all True).
@@ -175,11 +221,9 @@ def decode_slots(logits: Array, coords: Array, image_size: Array, *,
   scores = jnp.max(probs, -1)
   group = labels if coords.shape[1] > 1 else jnp.zeros_like(labels)
   c = jnp.take_along_axis(coords, group[:, None, None], axis=1)[:, 0]         # [K, D]
+  boxes = coords_to_boxes(c, image_size)
   h = image_size[0].astype(jnp.float32)
   w = image_size[1].astype(jnp.float32)
-  if targets == "points":
-    c = jnp.concatenate([c, c], -1)
-  boxes = c * jnp.stack([w, h, w, h])
   x1y1 = jnp.minimum(boxes[:, :2], boxes[:, 2:])
   x2y2 = jnp.maximum(boxes[:, :2], boxes[:, 2:])
   boxes = clip_boxes(jnp.concatenate([x1y1, x2y2], -1), h, w)
@@ -250,40 +294,30 @@ def localization_metrics(gts: Sequence[Mapping[str, Any]], dets: Sequence[Mappin
 # ----------------------------------------------------------------------------- system
 
 
-MODEL_DEFAULTS: dict[str, Any] = {
-    "backbone": "tiny",
-    "backbone_kw": {"stride": 16, "widths": (16, 32, 64, 128), "fc_features": (256, 256),
-                    "roi_size": 4, "dropout_rate": 0.3},
-    "num_slots": 1,            # K
-    "targets": "boxes",        # "boxes" | "points"
-    "per_class": False,        # one box per class, or one shared box
-    "box_head_at": "fc",       # "fc" | "conv"
-    "box_fc_features": (256,),  # the conv-attached head's own fc layers
-    "detach_box": False,       # box loss trains the box layers only (stop_gradient before them)
-    "box_weight": 10.0,        # coordinates are fractions of the image: squared errors ~ 0.01
-    "pretrained": "",          # a local torchvision weights file of the backbone (ImageNet)
-    "init_from": "",           # a finished classify run's workdir (same backbone): conv + fc
-}
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """`System.extras` of localization: its settings and its network (flax module)."""
+  settings: Settings
+  network: LocalizationNet
+
+
+def make_network(m: Settings, dtype: Any = jnp.float32) -> LocalizationNet:
+  """The network of validated settings `m` (`Settings.from_config(config)`)."""
+  parts = backbones.get_backbone(m.backbone, dtype=jnp.dtype(dtype), **m.backbone_kw)
+  return LocalizationNet(parts.conv.clone(), parts.fc.clone(), m.num_classes, parts.roi_size,
+                         m.num_slots, TARGETS[m.targets], m.per_class, m.box_head_at,
+                         tuple(m.box_fc_features), m.detach_box, parts.pool5, parts.dense_fc,
+                         dtype=jnp.dtype(dtype))
 
 
 def build_system(config: Any) -> System:
-  """The "localization" System from an experiment config (keys: MODEL_DEFAULTS)."""
-  model = config["model"] if "model" in config else {}
-  given = {k: v for k, v in model.items() if k != "num_classes"}   # config.num_classes wins
-  m = merge_settings(MODEL_DEFAULTS, given, "config.model")
-  if m["targets"] not in TARGETS:
-    raise ValueError(f"config.model.targets: expected one of {sorted(TARGETS)}, "
-                     f"got {m['targets']!r}")
-  c = int(config["num_classes"])
+  """The "localization" System from an experiment config: `Settings.from_config(config)` and
+  `config.compute_dtype`."""
+  m = Settings.from_config(config)
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  parts = backbones.get_backbone(m["backbone"], dtype=dtype, **dict(m["backbone_kw"]))
-  k = int(m["num_slots"])
-  net = LocalizationNet(parts.conv.clone(), parts.fc.clone(), c, parts.roi_size, k,
-                        TARGETS[m["targets"]], bool(m["per_class"]), str(m["box_head_at"]),
-                        tuple(m["box_fc_features"]), bool(m["detach_box"]), parts.pool5,
-                        parts.dense_fc, dtype=dtype)
-  has_bn = not parts.dense_fc
-  mutable = ["batch_stats"] if has_bn else False
+  net = make_network(m, dtype)
+  mutable = ["batch_stats"] if not net.dense_fc else False
+  slots = functools.partial(slot_targets, num_slots=m.num_slots, targets=m.targets)
 
   @jax.jit
   def fresh(rng, batch):
@@ -291,29 +325,27 @@ def build_system(config: Any) -> System:
     return dict(net.init({"params": rng}, x, train=False))
 
   def init(rng, batch):   # conv + fc from ImageNet weights or a classify run, as the papers
-    return init_from.start_backbone(fresh(rng, batch), backbone=m["backbone"],
-                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
-                                    init_from=m["init_from"])
-
-  def targets_of(batch):
-    return jax.vmap(lambda b, l, mk, s: slot_targets(b, l, mk, s, num_slots=k,
-                                                     targets=m["targets"]))(
-        batch["boxes"], batch["labels"], batch["box_mask"], batch["image_size"])
+    return init_from.start_backbone(fresh(rng, batch), backbone=m.backbone,
+                                    backbone_kw=m.backbone_kw, pretrained=m.pretrained,
+                                    init_from=m.init_from)
 
   def loss(variables, batch, rng):
     x = backbones.normalize_images(batch["image"], dtype)
     out = net.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
     (logits, coords), new_state = out if mutable else (out, {})
-    value, metrics = localization_loss(logits, coords, targets_of(batch),
-                                       box_weight=float(m["box_weight"]))
+    targets = jax.vmap(slots)(batch["boxes"], batch["labels"], batch["box_mask"],
+                              batch["image_size"])
+    sizes = jnp.repeat(batch["image_size"], m.num_slots, axis=0)       # [B * K, 2] slot rows
+    decode = functools.partial(coords_to_boxes, image_size=sizes)
+    value, metrics = losses.localization_loss(logits, coords, targets, terms=m.loss,
+                                              decode=decode)
     return value, metrics, dict(new_state)
 
   def predict(variables, batch):
     x = backbones.normalize_images(batch["image"], dtype)
     logits, coords = net.apply(variables, x, train=False)
-    return jax.vmap(lambda lg, cd, s: decode_slots(lg, cd, s, targets=m["targets"]))(
-        logits, coords, batch["image_size"])
+    return jax.vmap(decode_slots)(logits, coords, batch["image_size"])
 
-  return System(name="localization", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net}, eval_metrics=localization_metrics,
-                eval_metric_names=LOCALIZATION_METRIC_NAMES)
+  return System(name="localization", num_classes=m.num_classes, init=init, loss=loss,
+                predict=predict, extras=Extras(settings=m, network=net),
+                eval_metrics=localization_metrics, eval_metric_names=LOCALIZATION_METRIC_NAMES)

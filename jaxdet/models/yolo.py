@@ -1,19 +1,24 @@
 """YOLO v1 (Redmon et al., "You Only Look Once", CVPR 2016): detection as one regression.
 
 One network maps the whole image to an S x S x (5B + C) tensor: for each grid cell, B boxes
-(x, y, sqrt w, sqrt h, confidence) and C class probabilities Pr(class | object). Parts:
+(x, y, sqrt w, sqrt h, confidence) and C class probabilities Pr(class | object). Parts, in
+the order of the module:
 
+* `Settings` (with its `Loss` and `Predict` sections): every option of `config.model`.
 * `YOLONet`: the network (conv layers with leaky ReLU 0.1, max pooling, two fc layers with
   dropout between them, linear outputs); `PAPER_LAYERS` (24 conv, 448 x 448 input, S = 7),
   `SMALL_LAYERS` (7 conv, 128 x 128 input, for the CPU) and the "tiny" variant: the lecture's
   shared tiny backbone (`jaxdet.models.backbones.get_backbone("tiny")`, pretrained for
   classification by a classify run and loaded by `config.model.init_from`, as the paper
   pretrains its first 20 conv layers on ImageNet) followed by `TINY_LAYERS`.
-* `encode_targets`: ground-truth boxes -> per-cell regression targets (one image; vmap it).
-* `jaxdet.losses.yolo_loss`: the paper's sum-squared loss.
+* `encode_targets`: ground-truth boxes -> per-cell targets; `assign_predictors`: the
+  responsible predictor of each object cell and its IoU (one image each; vmap them).
+* `jaxdet.losses.yolo_loss`: the paper's sum-squared loss as four named terms (`coord`, `obj`,
+  `noobj`, `cls`), each a function chosen in `config.model.loss` with its weight.
 * `decode_predictions` / `postprocess`: raw grid -> boxes, class-specific confidences
   Pr(class | object) * confidence, threshold, per-class NMS, fixed-size detections.
-* `build_system(config)`: the `jaxdet.system.System` the machinery trains and evaluates.
+* `build_system(config)`: the `jaxdet.system.System` the machinery trains and evaluates;
+  `System.extras` is an `Extras` (settings, network).
 
 Output layout of the last axis, per cell: B x (x, y, sqrt w, sqrt h, confidence), then the C
 class probabilities. x, y: the box centre's offset inside its cell, in cell units [0, 1];
@@ -23,6 +28,7 @@ grid covers the whole network input (H x W pixels), images are resized (not padd
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -34,13 +40,102 @@ from jaxdet import checks
 from jaxdet import losses
 from jaxdet.models import backbones
 from jaxdet.models.backbones import normalize_images
-from jaxdet.models.settings import merge_settings
+from jaxdet.models import init_from
+from jaxdet.models import settings
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.system import System
-from jaxdet.models import init_from
 
 Array = jax.Array
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Loss(settings.LossSettings):
+  """`config.model.loss`: the terms of the paper's eq. 3 (defaults: the paper's weights).
+
+  coord ("box"): the responsible predictors' (x, y, sqrt w, sqrt h) codes against the
+    object's; "l2" (the paper's two coordinate lines); `decode` gives their boxes in the
+    cell's frame (centres relative to the cell's corner, image fractions), so "giou" works.
+  obj ("binary"): the responsible predictors' confidences against their IoU with the object.
+  noobj ("binary"): every other predictor's confidence against 0.
+  cls ("class"): the class outputs of object cells against the one-hot class.
+  """
+  TERMS = {"coord": "box", "obj": "binary", "noobj": "binary", "cls": "class"}
+  coord: str = "l2"
+  coord_weight: float = 5.0          # lambda_coord
+  obj: str = "squared_error"
+  obj_weight: float = 1.0
+  noobj: str = "squared_error"
+  noobj_weight: float = 0.5          # lambda_noobj
+  cls: str = "squared_error_onehot"
+  cls_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict(settings.Settings):
+  """`config.model.predict`: post-processing (`postprocess`, `jaxdet.ops.nms.multiclass_nms`)."""
+  score_threshold: float = 0.005
+  iou_threshold: float = 0.5
+  max_detections: int = 100
+  pre_nms_topk: int = 0              # 0 = every (box, class) pair enters NMS
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.max_detections", self.max_detections)
+    checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """`config.model` of YOLO v1 (a top-level `config.num_classes` wins over `num_classes`)."""
+  variant: str = "small"             # a key of VARIANTS: "paper" (24 conv, 448), "small" (CPU)
+                                     # or "tiny" (the lecture's pretrained tiny backbone, CPU)
+  num_classes: int = 6               # C
+  grid_size: int = 7                 # S
+  num_boxes: int = 2                 # B
+  fc_dim: int = 0                    # hidden fc width; 0 = the variant's (paper 4096)
+  dropout_rate: float = 0.5
+  head: str = "fc"                   # "fc" (the paper) or "conv" (the fc layers per cell)
+  batch_norm: bool = False           # not in the paper (after the variant's own conv layers)
+  backbone: str = ""                 # "" = the variant's (tiny: "tiny"; paper, small: none);
+                                     # paper: "yolo20" or "vgg16" (PAPER_HEAD_LAYERS)
+  backbone_kw: dict = dataclasses.field(                    # get_backbone(backbone, **kw)
+      default_factory=lambda: dict(TINY_BACKBONE_KW))
+  pretrained: str = ""               # a local torchvision weights file of the backbone (vgg16)
+  init_from: str = ""                # a finished classify run's workdir whose "conv" starts
+                                     # the backbone (jaxdet.models.init_from); "" = scratch
+  loss: Loss = Loss()
+  predict: Predict = Predict()
+
+  def validate(self, where: str) -> None:
+    if self.variant not in VARIANTS:
+      raise ValueError(f"{where}.variant: expected one of {sorted(VARIANTS)}, "
+                       f"got {self.variant!r}")
+    for key in ("num_classes", "grid_size", "num_boxes"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"{where}.{key}: expected a positive int, got {getattr(self, key)!r}")
+    checks.check_positive(f"{where}.fc_dim", self.fc_dim, allow_zero=True)
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"{where}.dropout_rate: expected a value in [0, 1), "
+                       f"got {self.dropout_rate!r}")
+    if self.head not in ("fc", "conv"):
+      raise ValueError(f"{where}.head: expected 'fc' or 'conv', got {self.head!r}")
+    if self.backbone and self.variant not in ("paper",) + tuple(VARIANT_BACKBONES):
+      raise ValueError(f"{where}.backbone: variant {self.variant!r} takes no backbone; "
+                       f"use variant 'paper' (or 'tiny')")
+    if (self.init_from or self.pretrained) and self.backbone_name is None:
+      raise ValueError(f"{where}.init_from: variant {self.variant!r} has no pretrainable "
+                       f"backbone; use one of {sorted(VARIANT_BACKBONES)}, or variant 'paper' "
+                       f"with {where}.backbone 'yolo20' or 'vgg16'")
+
+  @property
+  def backbone_name(self) -> str | None:
+    """The backbone the network starts with (a key of backbones.BACKBONES), None = none."""
+    return self.backbone or VARIANT_BACKBONES.get(self.variant)
+
+
+# --- the network --------------------------------------------------------------------------------
 
 # A conv layer is (kernel size, features, stride); "M" is 2 x 2 max pooling with stride 2.
 LayerSpec = Any
@@ -230,7 +325,7 @@ def encode_targets(boxes: Array, labels: Array, mask: Array, *, grid_size: int,
   Returns:
     {"box": f32[S, S, 4] (x, y, w, h): x, y the centre's offset inside the cell in cell units,
        w, h fractions of the image width and height (0 in cells without an object),
-     "classes": f32[S, S, C] one-hot class of the cell's object (0 elsewhere),
+     "labels": i32[S, S] class of the cell's object (0 elsewhere),
      "mask": bool[S, S] True where a cell holds an object,
      "index": i32[S, S] index into the M objects of the cell's object (0 elsewhere)}.
   """
@@ -254,9 +349,66 @@ def encode_targets(boxes: Array, labels: Array, mask: Array, *, grid_size: int,
   has = jnp.any(hits, axis=0)                                             # [S*S]
   first = jnp.argmax(hits, axis=0).astype(jnp.int32)                      # [S*S] first True
   box = jnp.where(has[:, None], per_object[first], 0.0)                   # [S*S, 4]
-  classes = jax.nn.one_hot(labels[first], num_classes) * has[:, None]     # [S*S, C]
-  return {"box": box.reshape(s, s, 4), "classes": classes.reshape(s, s, num_classes),
+  cell_labels = jnp.where(has, labels[first], 0).astype(jnp.int32)       # [S*S]
+  return {"box": box.reshape(s, s, 4), "labels": cell_labels.reshape(s, s),
           "mask": has.reshape(s, s), "index": jnp.where(has, first, 0).reshape(s, s)}
+
+
+def predictor_boxes(codes: Array, grid_size: int) -> Array:
+  """(x, y, sqrt w, sqrt h) codes -> boxes in the frame of their cell (one term's `decode`).
+
+  Args:
+    codes: f32[..., 4] x, y the centre's offset inside the cell in cell units, sqrt w, sqrt h
+      square roots of the size as fractions of the image.
+    grid_size: S.
+  Returns:
+    f32[..., 4] (x1, y1, x2, y2) in image fractions, relative to the cell's top-left corner
+    (the cell offset is common to a predictor and its object, so IoUs are those of the image).
+  """
+  return box_ops.cxcywh_to_xyxy(_predictor_cxcywh(codes, grid_size))
+
+
+def _predictor_cxcywh(codes: Array, grid_size: int) -> Array:
+  """(x, y, sqrt w, sqrt h) codes f32[..., 4] -> (cx, cy, w, h) in the cell's frame."""
+  return jnp.concatenate([codes[..., :2] / grid_size, jnp.square(codes[..., 2:4])], -1)
+
+
+def assign_predictors(predictions: Array, targets: dict[str, Array], *,
+                      num_boxes: int) -> dict[str, Array]:
+  """The predictor "responsible" for each object cell, and its IoU (one image; vmap it).
+
+  Of the B predicted boxes of an object's cell, the one with the highest current IoU with the
+  object; ties go to the lowest index, except that when no predictor overlaps the object
+  (every IoU is 0) the one whose (cx, cy, w, h) lies closest in squared distance is chosen, as
+  darknet does. Both are constants of the loss (`stop_gradient`): the IoU is the target of the
+  `obj` term, responsibility the mask of the `coord` and `obj` terms (the others: `noobj`).
+
+  Args:
+    predictions: f32[S, S, 5B + C] raw network outputs (layout in the module docstring).
+    targets: `encode_targets` of the image ("box" (x, y, w, h) and "mask" are read; boxes of
+      cells without an object are ignored, NaN included).
+    num_boxes: B.
+  Returns:
+    {"responsible": bool[S, S, B] (False in cells without an object),
+     "iou": f32[S, S, B] each predictor's IoU with its cell's object (0 without one)}.
+  """
+  checks.check_array("predictions", predictions, ndim=3, dtype_kind="f")
+  s = predictions.shape[0]
+  checks.check_array("targets['box']", targets["box"], dtype_kind="f", shape=(s, s, 4))
+  checks.check_mask("targets['mask']", targets["mask"], "predictions[..., 0]", (s, s))
+  obj = targets["mask"]                                                   # [S, S]
+  p = jax.lax.stop_gradient(predictions.astype(jnp.float32))
+  codes = p[..., :5 * num_boxes].reshape(s, s, num_boxes, 5)[..., :4]    # [S, S, B, 4]
+  t_box = jnp.where(obj[..., None], targets["box"].astype(jnp.float32), 0.0)  # [S, S, 4]
+  t_cxcywh = jnp.concatenate([t_box[..., :2] / s, t_box[..., 2:]], -1)[..., None, :]
+  pred = _predictor_cxcywh(codes, s)                                      # [S, S, B, 4]
+  iou = box_ops.elementwise_box_iou(box_ops.cxcywh_to_xyxy(pred),
+                                    box_ops.cxcywh_to_xyxy(t_cxcywh))     # [S, S, B]
+  dist = jnp.sum(jnp.square(pred - t_cxcywh), -1)                         # [S, S, B]
+  any_overlap = jnp.any(iou > 0.0, axis=-1, keepdims=True)                # [S, S, 1]
+  best = jnp.argmax(jnp.where(any_overlap, iou, -dist), axis=-1)          # [S, S]
+  resp = jax.nn.one_hot(best, num_boxes, dtype=bool) & obj[..., None]    # [S, S, B]
+  return {"responsible": resp, "iou": jnp.where(obj[..., None], iou, 0.0)}
 
 
 def decode_predictions(predictions: Array, *, num_boxes: int,
@@ -318,124 +470,80 @@ def postprocess(predictions: Array, image_size_hw: Array, *, num_boxes: int,
                         pre_nms_topk=pre_nms_topk)
 
 
+
+
 # --- the System ---------------------------------------------------------------------------------
 
-MODEL_DEFAULTS = {
-    "variant": "small",        # a key of VARIANTS: "paper" (24 conv, 448), "small" (CPU) or
-                               # "tiny" (the lecture's pretrained tiny backbone, CPU)
-    "num_classes": 6,          # C
-    "grid_size": 7,            # S
-    "num_boxes": 2,            # B
-    "fc_dim": 0,               # hidden fc width; 0 = the variant's (paper 4096)
-    "dropout_rate": 0.5,
-    "head": "fc",              # "fc" (the paper) or "conv" (the fc layers per cell, shared)
-    "batch_norm": False,       # not in the paper (after the variant's own conv layers)
-    "backbone": "",            # "" = the variant's (tiny: "tiny"; paper, small: none, all
-                               # layers its own); paper: "yolo20" or "vgg16" (PAPER_HEAD_LAYERS)
-    "backbone_kw": TINY_BACKBONE_KW,   # variant "tiny": get_backbone("tiny", **backbone_kw)
-    "pretrained": "",          # a local torchvision weights file of the backbone (vgg16)
-    "init_from": "",           # variant "tiny": a finished classify run's workdir whose "conv"
-                               # starts the backbone (jaxdet.models.init_from); "" = scratch
-    "loss": {"lambda_coord": 5.0, "lambda_noobj": 0.5, "lambda_obj": 1.0, "lambda_class": 1.0},
-    "predict": {"score_threshold": 0.005, "iou_threshold": 0.5, "max_detections": 100,
-                "pre_nms_topk": 0},   # 0 = every (box, class) pair enters NMS
-}
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """`System.extras` of YOLO: its settings and its network (flax module)."""
+  settings: Settings
+  network: YOLONet
 
 
-def model_settings(model_cfg: Any) -> dict[str, Any]:
-  """A `config.model` section (ConfigDict or dict) over `MODEL_DEFAULTS`, nested sections
-  ("loss", "predict") merged key by key; an unknown key raises, naming its path."""
-  return merge_settings(MODEL_DEFAULTS, model_cfg, "config.model")
-
-
-def make_network(model_cfg: Any, dtype: Any = jnp.float32) -> YOLONet:
-  """The network of a `config.model` section (keys and defaults: `MODEL_DEFAULTS`)."""
-  m = model_settings(model_cfg)
-  if m["variant"] not in VARIANTS:
-    raise ValueError(f"config.model.variant: expected one of {sorted(VARIANTS)}, "
-                     f"got {m['variant']!r}")
-  for key in ("num_classes", "grid_size", "num_boxes"):
-    if isinstance(m[key], bool) or not isinstance(m[key], int) or m[key] < 1:
-      raise ValueError(f"config.model.{key}: expected a positive int, got {m[key]!r}")
-  if not 0.0 <= m["dropout_rate"] < 1.0:
-    raise ValueError(f"config.model.dropout_rate: expected a value in [0, 1), "
-                     f"got {m['dropout_rate']!r}")
-  if m["head"] not in ("fc", "conv"):
-    raise ValueError(f"config.model.head: expected 'fc' or 'conv', got {m['head']!r}")
-  layers, fc_dim, _ = VARIANTS[m["variant"]]
+def make_network(m: Settings, dtype: Any = jnp.float32) -> YOLONet:
+  """The network of validated settings `m` (`Settings.from_config(config)`)."""
+  layers, fc_dim, _ = VARIANTS[m.variant]
   _check_layers(layers)
-  backbone = m["backbone"] or VARIANT_BACKBONES.get(m["variant"])
-  if m["backbone"] and m["variant"] not in ("paper",) + tuple(VARIANT_BACKBONES):
-    raise ValueError(f"config.model.backbone: variant {m['variant']!r} takes no backbone; "
-                     f"use variant 'paper' (or 'tiny')")
-  if (m["init_from"] or m["pretrained"]) and backbone is None:
-    raise ValueError(f"config.model.init_from: variant {m['variant']!r} has no pretrainable "
-                     f"backbone; use one of {sorted(VARIANT_BACKBONES)}, or variant 'paper' "
-                     f"with config.model.backbone 'yolo20' or 'vgg16'")
   conv = None
-  if backbone is not None:
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(m["backbone_kw"]).items()}
-    parts = backbones.get_backbone(backbone, dtype=jnp.dtype(dtype), **kw)
-    conv, layers = parts.conv, backbone_layers(m["variant"], parts.stride)
-  return YOLONet(num_classes=m["num_classes"], grid_size=m["grid_size"],
-                 num_boxes=m["num_boxes"], layers=layers, fc_dim=m["fc_dim"] or fc_dim,
-                 dropout_rate=m["dropout_rate"], batch_norm=m["batch_norm"], conv=conv,
-                 head=m["head"], dtype=jnp.dtype(dtype))
+  if m.backbone_name is not None:
+    parts = backbones.get_backbone(m.backbone_name, dtype=jnp.dtype(dtype), **m.backbone_kw)
+    conv, layers = parts.conv, backbone_layers(m.variant, parts.stride)
+  return YOLONet(num_classes=m.num_classes, grid_size=m.grid_size, num_boxes=m.num_boxes,
+                 layers=layers, fc_dim=m.fc_dim or fc_dim, dropout_rate=m.dropout_rate,
+                 batch_norm=m.batch_norm, conv=conv, head=m.head, dtype=jnp.dtype(dtype))
+
+
+def loss_targets(predictions: Array, batch: dict[str, Array], *, num_boxes: int,
+                 num_classes: int) -> dict[str, Array]:
+  """The targets of `jaxdet.losses.yolo_loss` for a batch: `encode_targets` of each image's
+  ground truth and `assign_predictors` of its predictions f32[N, S, S, 5B + C], vmapped."""
+  checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
+  encode = functools.partial(encode_targets, grid_size=predictions.shape[1],
+                             image_size=tuple(batch["image"].shape[1:3]),
+                             num_classes=num_classes)
+  targets = jax.vmap(encode)(batch["boxes"], batch["labels"], batch["box_mask"])
+  assign = jax.vmap(functools.partial(assign_predictors, num_boxes=num_boxes))
+  return {**targets, **assign(predictions, targets)}
 
 
 def build_system(config: Any) -> System:
-  """The YOLO v1 System from an experiment config.
-
-  Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`; `loss` holds the four term
-  weights of `jaxdet.losses.yolo_loss`, `predict` the post-processing settings; `init_from`
-  a classify run whose "conv" parameters start the "tiny" variant's backbone) and
-  `config.compute_dtype`; a top-level `config.num_classes` (set when training on one's own
-  examples) replaces `config.model.num_classes`. Images are resized to the network input (the
-  grid covers the whole input); the input size is the batch's static image shape.
-  """
-  model_cfg = dict((config["model"] if "model" in config else {}).items())
-  if config.get("num_classes") is not None:   # one's own data: config.num_classes wins
-    model_cfg["num_classes"] = int(config["num_classes"])
-  m = model_settings(model_cfg)
-  loss_cfg, pred_cfg = m["loss"], m["predict"]
+  """The YOLO v1 System from an experiment config: `Settings.from_config(config)` and
+  `config.compute_dtype`. Images are resized to the network input (the grid covers it all);
+  the input size is the batch's static image shape."""
+  m = Settings.from_config(config)
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  net = make_network(model_cfg, dtype)
-  b, s, c = m["num_boxes"], m["grid_size"], m["num_classes"]
-  mutable = ["batch_stats"] if m["batch_norm"] else False
-
-  def input_size(batch) -> tuple[int, int]:
-    checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
-    return tuple(batch["image"].shape[1:3])
+  net = make_network(m, dtype)
+  mutable = ["batch_stats"] if m.batch_norm else False
+  decode = functools.partial(predictor_boxes, grid_size=m.grid_size)
 
   @jax.jit
   def fresh(rng, images):   # jitted: one compilation instead of one per op
     return dict(net.init({"params": rng}, normalize_images(images, dtype), train=False))
 
   def init(rng, batch):   # the paper's recipe: conv layers pretrained for classification
-    backbone = m["backbone"] or VARIANT_BACKBONES.get(m["variant"], "")
-    return init_from.start_backbone(fresh(rng, batch["image"]), backbone=backbone,
-                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
-                                    init_from=m["init_from"], keys=("conv",))
+    return init_from.start_backbone(fresh(rng, batch["image"]), backbone=m.backbone_name or "",
+                                    backbone_kw=m.backbone_kw, pretrained=m.pretrained,
+                                    init_from=m.init_from, keys=("conv",))
 
   def loss(variables, batch, rng):
-    x = normalize_images(batch["image"], dtype)
-    out = net.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+    out = net.apply(variables, normalize_images(batch["image"], dtype), train=True,
+                    rngs={"dropout": rng}, mutable=mutable)
     preds, new_state = out if mutable else (out, {})
-    targets = jax.vmap(functools.partial(
-        encode_targets, grid_size=s, image_size=input_size(batch), num_classes=c))(
-            batch["boxes"], batch["labels"], batch["box_mask"])
-    value, metrics = losses.yolo_loss(preds, targets, targets["mask"], num_boxes=b, **loss_cfg)
+    targets = loss_targets(preds, batch, num_boxes=m.num_boxes, num_classes=m.num_classes)
+    value, metrics = losses.yolo_loss(preds, targets, targets["mask"], num_boxes=m.num_boxes,
+                                      terms=m.loss, decode=decode)
     return value, metrics, dict(new_state)
 
   def predict(variables, batch):
-    x = normalize_images(batch["image"], dtype)
-    preds = net.apply(variables, x, train=False)
+    checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
+    preds = net.apply(variables, normalize_images(batch["image"], dtype), train=False)
+    p = m.predict
     post = functools.partial(
-        postprocess, num_boxes=b, input_size=input_size(batch),
-        score_threshold=pred_cfg["score_threshold"], iou_threshold=pred_cfg["iou_threshold"],
-        max_detections=pred_cfg["max_detections"],
-        pre_nms_topk=pred_cfg["pre_nms_topk"] or None)
+        postprocess, num_boxes=m.num_boxes, input_size=tuple(batch["image"].shape[1:3]),
+        score_threshold=p.score_threshold, iou_threshold=p.iou_threshold,
+        max_detections=p.max_detections, pre_nms_topk=p.pre_nms_topk or None)
     return jax.vmap(post)(preds, batch["image_size"])
 
-  return System(name="yolo", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net})
+  return System(name="yolo", num_classes=m.num_classes, init=init, loss=loss, predict=predict,
+                extras=Extras(settings=m, network=net))

@@ -130,18 +130,22 @@ def test_yolo_loss_nan_targets_in_cells_without_objects(rng):
   n, s, b, c = 2, 3, 2, 4
   preds = rng.normal(size=(n, s, s, 5 * b + c)).astype(np.float32)
   box = rng.uniform(0.1, 0.9, size=(n, s, s, 4)).astype(np.float32)
-  cls = np.eye(c, dtype=np.float32)[rng.integers(0, c, size=(n, s, s))]
+  labels = rng.integers(0, c, size=(n, s, s)).astype(np.int32)
   mask = rng.random((n, s, s)) < 0.5
   mask[0, 0, 0], mask[1, 2, 2] = True, False
-  box[1, 2, 2] = NAN
-  box[~mask & (rng.random((n, s, s)) < 0.5)] = INF
-  cls[1, 2, 2] = NAN
-  loss = lambda p, t: losses.yolo_loss(p, t, mask, num_boxes=b)[0]   # noqa: E731
+  clean = {"box": np.where(mask[..., None], box, 0.0), "labels": np.where(mask, labels, 0),
+           "mask": mask}
+  clean.update(jax.vmap(functools.partial(yolo.assign_predictors, num_boxes=b))(preds, clean))
+  garbage = dict(clean, box=box.copy(), labels=np.where(mask, labels, -5),
+                 iou=np.where(clean["responsible"], clean["iou"], NAN))
+  garbage["box"][1, 2, 2] = NAN
+  garbage["box"][~mask & (rng.random((n, s, s)) < 0.5)] = INF
+  decode = functools.partial(yolo.predictor_boxes, grid_size=s)
+  loss = lambda p, t: losses.yolo_loss(p, t, mask, num_boxes=b, terms=yolo.Loss(),  # noqa: E731
+                                       decode=decode)[0]
   run = jax.jit(jax.value_and_grad(loss))
-  value, grad = run(preds, {"box": box, "classes": cls})
+  value, grad = run(preds, garbage)
   # Reference: the same targets with garbage replaced by zeros (values that must not matter).
-  clean = {"box": np.where(mask[..., None], box, 0.0), "classes": np.where(mask[..., None],
-                                                                          cls, 0.0)}
   want, want_grad = run(preds, clean)
   assert np.isfinite(value) and np.isfinite(np.asarray(grad)).all()
   np.testing.assert_allclose(value, want, rtol=1e-6)
@@ -184,13 +188,13 @@ def test_checked_runs_a_loss_under_checkify_for_fast_rcnn_and_yolo():
   fast(jnp.array([0, 1, 2, 9]))                                  # padding holds garbage: fine
   with pytest.raises(checkify.JaxRuntimeError, match=r"labels: label 3 .* outside \[0, 3\)"):
     fast(jnp.array([0, 3, 2, 0]))
-  # YOLO's targets: an out-of-range class would give an all-zero class vector.
+  # YOLO's targets: an out-of-range class would give an all-zero one-hot class target.
   boxes = jnp.array([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
   box_mask = jnp.array([True, True])
   encode = lambda labels: yolo.encode_targets(boxes, labels, box_mask, grid_size=4,  # noqa
                                               image_size=(32, 32), num_classes=3)
   targets = losses.checked(encode, lambda labels: losses.check_labels(labels, 3, box_mask))
   out = targets(jnp.array([1, 2]))
-  np.testing.assert_array_equal(np.asarray(out["classes"]).sum(-1)[np.asarray(out["mask"])], 1)
+  np.testing.assert_array_equal(np.asarray(out["labels"])[np.asarray(out["mask"])], [1, 2])
   with pytest.raises(checkify.JaxRuntimeError, match="outside"):
     targets(jnp.array([1, 3]))

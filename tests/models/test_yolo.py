@@ -23,7 +23,7 @@ def _random_boxes(rng, n, m, h, w):
 def _encode_ref(boxes, labels, mask, s, h, w, c):
   """Plain loop over objects in index order; the first real object in a cell wins."""
   box = np.zeros((s, s, 4))
-  cls = np.zeros((s, s, c))
+  cls = np.zeros((s, s), np.int32)
   has = np.zeros((s, s), bool)
   for b, lab, real in zip(boxes.astype(np.float64), labels, mask):
     if not real:
@@ -34,7 +34,7 @@ def _encode_ref(boxes, labels, mask, s, h, w, c):
       continue
     has[row, col] = True
     box[row, col] = [cx - col, cy - row, (b[2] - b[0]) / w, (b[3] - b[1]) / h]
-    cls[row, col, lab] = 1
+    cls[row, col] = lab
   return box, cls, has
 
 
@@ -53,7 +53,7 @@ def test_encode_targets_matches_loop(rng):
     box, cls, has = _encode_ref(boxes[k], labels[k], mask[k], s, h, w, c)
     np.testing.assert_array_equal(enc["mask"][k], has)
     np.testing.assert_allclose(enc["box"][k], box, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(enc["classes"][k], cls)
+    np.testing.assert_array_equal(enc["labels"][k], cls)
   assert bool(enc["mask"][0, 2, 2]) and abs(float(enc["box"][0, 2, 2, 0]) - 1.0) < 1e-5
 
 
@@ -68,9 +68,11 @@ def test_loss_ignores_masked_objects_padded_vs_sliced(rng):
   pred = rng.normal(size=(1, s, s, 10 + c)).astype(np.float32)
 
   def loss(bx, lb, mk):
-    t = jax.vmap(functools.partial(yolo.encode_targets, grid_size=s, image_size=(h, w),
-                                   num_classes=c))(bx, lb, mk)
-    return losses.yolo_loss(pred, t, t["mask"], num_boxes=2)[0]
+    batch = {"image": jnp.zeros((1, h, w, 3), jnp.uint8), "boxes": bx, "labels": lb,
+             "box_mask": mk}
+    t = yolo.loss_targets(pred, batch, num_boxes=2, num_classes=c)
+    return losses.yolo_loss(pred, t, t["mask"], num_boxes=2, terms=yolo.Loss(),
+                            decode=functools.partial(yolo.predictor_boxes, grid_size=s))[0]
 
   loss = jax.jit(loss)
   padded = loss(boxes, labels, mask)
@@ -182,7 +184,9 @@ def test_system_train_and_predict(rng):
       variables["params"])
   assert np.isfinite(float(loss)) and set(state) == {"batch_stats"}
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-  assert {"loss/xy", "loss/wh", "loss/obj", "loss/noobj", "loss/class"} <= set(metrics)
+  assert {k for k in metrics if k.startswith("loss/")} == {
+      "loss/coord", "loss/obj", "loss/noobj", "loss/cls"}
+  assert {"yolo/iou", "yolo/objects"} <= set(metrics)
   np.testing.assert_allclose(sum(metrics[k] for k in metrics if k.startswith("loss/")), loss,
                              rtol=1e-5)
   dets = jax.jit(system.predict)(variables, batch)
@@ -198,8 +202,14 @@ def test_errors():
     yolo.build_system({"model": {"variant": "huge"}})
   with pytest.raises(ValueError, match="config.model.grid_size: expected a positive int"):
     yolo.build_system({"model": {"grid_size": 0}})
-  with pytest.raises(ValueError, match=r"config.model.loss: unknown keys \['lambda_cord'\]"):
-    yolo.build_system({"model": {"loss": {"lambda_cord": 5.0}}})
+  with pytest.raises(ValueError, match=r"config.model.loss: unknown keys \['lambda_coord'\]"):
+    yolo.build_system({"model": {"loss": {"lambda_coord": 5.0}}})   # now coord_weight
+  with pytest.raises(ValueError, match=r"config.model.loss.noobj_weight: expected a weight >= 0"):
+    yolo.build_system({"model": {"loss": {"noobj_weight": -0.5}}})
+  with pytest.raises(ValueError, match=r"config.model.loss.cls: unknown class loss 'l2'"):
+    yolo.build_system({"model": {"loss": {"cls": "l2"}}})
+  with pytest.raises(ValueError, match="config.model.predict.max_detections"):
+    yolo.build_system({"model": {"predict": {"max_detections": 0}}})
   with pytest.raises(ValueError, match="config.model.dropout_rate"):
     yolo.build_system({"model": {"dropout_rate": 1.0}})
   with pytest.raises(ValueError, match="labels: expected 3 entries on axis 0"):
@@ -218,9 +228,11 @@ def test_config_presets_build():
     config = yolo_config.get_config(preset)
     system = yolo.build_system(config)
     assert system.name == "yolo" and system.num_classes == classes
-    assert system.extras["network"].layers == layers
+    assert system.extras.network.layers == layers
+    assert system.extras.settings == yolo.Settings.from_config(config)
+    assert system.extras.settings.loss == yolo.Loss()   # the presets train the paper's loss
   # paper: the pretrainable 20 layers (backbone yolo20) + the last 4 = the paper's 24
-  net = yolo.build_system(yolo_config.get_config("paper")).extras["network"]
+  net = yolo.build_system(yolo_config.get_config("paper")).extras.network
   assert tuple(net.conv.layers) + tuple(net.layers) == yolo.PAPER_LAYERS
   assert yolo.build_system({"num_classes": 4, "model": {}}).num_classes == 4
 
@@ -245,10 +257,63 @@ def _classify_run(tmp_path, rng):
   return params
 
 
-def _tiny_system(widths, init_from="", head="fc"):
+def _tiny_system(widths, init_from="", head="fc", loss=None):
   return yolo.build_system({"model": {
       "variant": "tiny", "num_classes": 3, "grid_size": 2, "fc_dim": 16, "batch_norm": True,
-      "head": head, "backbone_kw": {**TINY_KW, "widths": widths}, "init_from": init_from}})
+      "head": head, "backbone_kw": {**TINY_KW, "widths": widths}, "init_from": init_from,
+      "loss": loss or {}}})
+
+
+def _tiny_batch(rng, n=2, size=16, m=3):
+  boxes = _random_boxes(rng, n, m, size, size)
+  boxes[..., 2:] = np.maximum(boxes[..., 2:], boxes[..., :2] + 2.0)   # no empty boxes
+  return {"image": jnp.asarray(rng.integers(0, 256, (n, size, size, 3)), jnp.uint8),
+          "image_size": jnp.full((n, 2), size, jnp.int32), "boxes": jnp.asarray(boxes),
+          "labels": jnp.asarray(rng.integers(0, 3, (n, m)), jnp.int32),
+          "box_mask": jnp.ones((n, m), bool)}
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_loss():
+  """A batch, variables and the loss of the tiny system with the built-in terms (computed once
+  for the parametrized test below)."""
+  batch = _tiny_batch(np.random.default_rng(0))
+  system = _tiny_system((4, 8))
+  variables = system.init(jax.random.key(0), batch)
+  return batch, variables, jax.jit(system.loss)(variables, batch, jax.random.key(1))
+
+
+@pytest.mark.parametrize("term, custom", [
+    ("coord", "doubled_box_l2"), ("obj", "doubled_squared_error"),
+    ("noobj", "doubled_squared_error"), ("cls", "doubled_squared_error_onehot")])
+def test_loss_term_given_by_dotted_path_is_the_one_trained_with(term, custom):
+  batch, variables, (want, want_m, _) = _builtin_loss()
+  mine = _tiny_system((4, 8), loss={term: f"custom_terms:{custom}"})
+  got, got_m, _ = jax.jit(mine.loss)(variables, batch, jax.random.key(1))
+  assert float(want_m[f"loss/{term}"]) > 0
+  np.testing.assert_allclose(got_m[f"loss/{term}"], 2 * want_m[f"loss/{term}"], rtol=1e-5)
+  np.testing.assert_allclose(got - want, want_m[f"loss/{term}"], rtol=1e-5,
+                             atol=1e-6 * float(want))
+  for other in {"coord", "obj", "noobj", "cls"} - {term}:
+    np.testing.assert_allclose(got_m[f"loss/{other}"], want_m[f"loss/{other}"], rtol=1e-6)
+
+
+def test_giou_coord_term_trains_with_finite_gradients(rng):
+  batch = _tiny_batch(rng)
+  system = _tiny_system((4, 8), loss={"coord": "giou", "coord_weight": 1.0})
+  variables = system.init(jax.random.key(0), batch)
+
+  def objective(params):
+    loss, metrics, _ = system.loss({**variables, "params": params}, batch, jax.random.key(1))
+    return loss, metrics
+
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      variables["params"])
+  assert np.isfinite(float(loss)) and 0.0 < float(metrics["loss/coord"])
+  # 1 - GIoU lies in [0, 2] per responsible predictor: per image at most 2 x its objects.
+  assert float(metrics["loss/coord"]) <= 2.0 * float(metrics["yolo/objects"])
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert np.abs(np.asarray(grads["Dense_1"]["kernel"])).sum() > 0
 
 
 def test_tiny_variant_loads_the_classify_conv(tmp_path, rng):
@@ -267,13 +332,13 @@ def test_tiny_variant_loads_the_classify_conv(tmp_path, rng):
   for name in ("Conv_0", "Dense_0", "Dense_1"):
     np.testing.assert_array_equal(np.asarray(params[name]["kernel"]),
                                   np.asarray(fresh["params"][name]["kernel"]))
-  out = system.extras["network"].apply(variables, jnp.zeros((2, 16, 16, 3)), train=False)
+  out = system.extras.network.apply(variables, jnp.zeros((2, 16, 16, 3)), train=False)
   assert out.shape == (2, 2, 2, 5 * 2 + 3) and out.dtype == jnp.float32
 
 
 def test_conv_head_is_the_fc_layers_applied_per_cell(rng):
   """Head "conv": cell (i, j)'s outputs are Dense_1(leaky(Dense_0(its own features)))."""
-  net = _tiny_system((4, 8), head="conv").extras["network"]
+  net = _tiny_system((4, 8), head="conv").extras.network
   x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
   variables = net.init(jax.random.key(0), x, train=False)
   out, inter = net.apply(variables, x, train=False, capture_intermediates=True)
