@@ -145,6 +145,28 @@ def test_roi_pool_matches_reference_and_routes_gradient(rng, height, width, chan
   np.testing.assert_allclose(np.asarray(grad).reshape(-1, channels), want_grad, atol=1e-5)
 
 
+def test_roi_pool_tied_maxima_give_the_gradient_to_the_first_in_row_major_order(rng):
+  # Three levels only: most bins hold several maxima; torchvision routes each bin's gradient
+  # to the first of them in row-major order, whole; so must jaxdet, in float32 and bfloat16.
+  height, width, channels, scale = 11, 9, 3, 0.5
+  f = rng.integers(0, 3, (height, width, channels)).astype(np.float32)
+  rois = random_rois(rng, 16, height / scale, width / scale)
+  want, arg = ref_roi_pool(f, rois, 3, 3, scale)
+  g = rng.normal(size=want.shape)
+  want_grad = np.zeros((height * width, channels))
+  for idx in np.ndindex(*arg.shape):
+    if arg[idx] >= 0:
+      want_grad[arg[idx], idx[-1]] += g[idx]
+  for dtype, atol in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.02)):
+    fn = lambda f: roi_pool(f, rois, 3, scale)
+    got, vjp = jax.vjp(fn, jnp.asarray(f, dtype))
+    np.testing.assert_array_equal(np.asarray(got, np.float64), want)
+    (grad,) = vjp(jnp.asarray(g, dtype))
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(np.asarray(grad, np.float64).reshape(-1, channels), want_grad,
+                               atol=atol, rtol=0.01)
+
+
 @pytest.mark.parametrize("sampling_ratio,aligned", [(-1, False), (-1, True), (2, False),
                                                     (2, True)])
 def test_roi_align_matches_reference_and_gradient_is_transpose(rng, sampling_ratio, aligned):
