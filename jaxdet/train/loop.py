@@ -149,7 +149,7 @@ def nonfinite_message(report: dict[str, Any], config: Any, learning_rate: float,
   step, policy = report["step"], str(config.train.get("on_nonfinite", "stop"))
   bad = report["nonfinite"]
   terms = {k: v for k, v in bad.items() if "loss" in k}   # loss, loss/<term>, ...
-  others = {k: v for k, v in bad.items() if k not in terms}
+  others = {k: v for k, v in bad.items() if k not in terms and k != "update_norm"}
   show = lambda d: ", ".join(f"{k} = {v}" for k, v in sorted(d.items()))
   if terms:
     what = f"non-finite loss terms: {show(terms)}"

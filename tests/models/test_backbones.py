@@ -218,3 +218,26 @@ def test_errors():
     bb.fc_to_conv_params({"dense": {}}, roi_size=4)
   with pytest.raises(ValueError, match="not a multiple of roi_size"):
     bb.fc_to_conv_params({"fc6": {"kernel": np.zeros((10, 2))}}, roi_size=4)
+
+
+@pytest.mark.parametrize("shape, window", [((2, 9, 7, 3), 2), ((1, 12, 10, 2), 3), ((1, 4, 4, 1), 4)])
+def test_non_overlapping_max_pool_equals_the_windowed_max_in_value_and_gradient(rng, shape, window):
+  """The reshape form (window == stride, no padding) against float64 NumPy: floor mode drops
+  the last rows/columns; without ties the gradient goes to each window's maximum."""
+  x = rng.standard_normal(shape).astype(np.float32)
+  b, h, w, c = shape
+  ho, wo = h // window, w // window
+  want = np.zeros((b, ho, wo, c))
+  grad = np.zeros(shape)
+  for i in range(ho):
+    for j in range(wo):
+      patch = x[:, i * window:(i + 1) * window, j * window:(j + 1) * window].astype(np.float64)
+      want[:, i, j] = patch.max(axis=(1, 2))
+      flat = patch.reshape(b, window * window, c).argmax(1)            # [B, C]
+      for n in range(b):
+        for ch in range(c):
+          di, dj = divmod(int(flat[n, ch]), window)
+          grad[n, i * window + di, j * window + dj, ch] = 1.0
+  np.testing.assert_array_equal(np.asarray(bb.max_pool(jnp.asarray(x), window, window)), want)
+  g = jax.grad(lambda v: jnp.sum(bb.max_pool(v, window, window)))(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(g), grad)
