@@ -74,9 +74,9 @@ def row_cost(row: str) -> dict[str, Any]:
   batch = cp._model_batch(cp.preset_batch(config, train=False, batch_size=1))  # pylint: disable=protected-access
   variables = jax.eval_shape(system.init, jax.random.PRNGKey(0), batch)
   if row == "fast_rcnn_svd":
-    variables = jax.eval_shape(system.extras["truncated_svd"], variables)
+    variables = jax.eval_shape(system.extras.truncated_svd, variables)
   if row == "vgg16_conv":
-    parts = system.extras["backbone"]
+    parts = system.extras.backbone
     from jaxdet.models import backbones
     fn = lambda p, image: parts.conv.apply(
         {"params": p}, backbones.normalize_images(image, parts.conv.dtype))
