@@ -102,12 +102,12 @@ def make_batch(rng: np.random.Generator, b: int, size: tuple[int, int], p: int, 
 
 def bench_test(system, variables, batch, repeats: int, dtype) -> dict[str, float]:
   """Per-image seconds of the stages and of predict, for the given variables."""
-  net = system.extras["network"]
+  net = system.extras.network
   cls = type(net)
   conv = jax.jit(lambda v, im: net.apply(
       v, backbones.normalize_images(im, dtype), method=cls.features))
   pool = jax.jit(lambda v, f, p, m: net.apply(v, f, p, m, method=cls.pool))
-  head = jax.jit(lambda v, x: system.extras["head"](v, x.reshape(-1, *x.shape[2:])))
+  head = jax.jit(lambda v, x: system.extras.head(v, x.reshape(-1, *x.shape[2:])))
   predict = jax.jit(system.predict)
   feats = conv(variables, batch["image"])
   pooled = pool(variables, feats, batch["proposals"], batch["proposal_mask"])
@@ -276,7 +276,7 @@ def svd_map(config_path: str, workdir: str, ranks: tuple[int, ...] | None = None
   variables = loop.restore_for_inference(config, workdir, system,
                                          setup.peek(loader())).variables
   ranks = tuple(config.model.svd_ranks) if ranks is None else tuple(ranks)
-  factored = system.extras["truncated_svd"](variables, ranks)
+  factored = system.extras.truncated_svd(variables, ranks)
   count = lambda v: sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(  # noqa: E731
       v["params"]["fc"]))
   out = {"svd_ranks": ranks, "fc_params": (count(variables), count(factored))}
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   batch1 = make_batch(rng, 1, s["size"], s["proposals"], c)
   variables = system.init(jax.random.key(0), batch1)
-  svd_vars = system.extras["truncated_svd"](variables)
+  svd_vars = system.extras.truncated_svd(variables)
   plain, svd = _cast(variables, dtype), _cast(svd_vars, dtype)
 
   report: dict[str, Any] = {
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "rcnn_module_present": importlib.util.find_spec("jaxdet.models.rcnn") is not None}
   report["fast_rcnn"] = bench_test(system, plain, batch1, args.repeats, dtype)
   report["fast_rcnn_svd"] = bench_test(system, svd, batch1, args.repeats, dtype)
-  report["rcnn"] = bench_rcnn(system.extras["backbone"], c, batch1, s["crop"], args.rcnn_chunk,
+  report["rcnn"] = bench_rcnn(system.extras.backbone, c, batch1, s["crop"], args.rcnn_chunk,
                               max(1, args.repeats // 2), dtype)
   r = report["rcnn"]["total"]
   report["speedup_vs_rcnn"] = r / report["fast_rcnn"]["total"]

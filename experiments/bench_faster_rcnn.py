@@ -81,9 +81,9 @@ def bench_jax(size: str, s: dict[str, Any], rng: np.random.Generator) -> dict[st
   one = jax.device_put(random_batch(rng, 1, h, w, c))
   variables = system.init(jax.random.PRNGKey(0), one)
   ex = system.extras
-  conv = jax.jit(ex["conv"])
-  propose = jax.jit(ex["propose"])
-  detect = jax.jit(ex["detect"])
+  conv = jax.jit(ex.conv)
+  propose = jax.jit(ex.propose)
+  detect = jax.jit(ex.detect)
   feats = conv(variables, one)
   props = propose(variables, feats, one["image_size"])
   out: dict[str, Any] = {}

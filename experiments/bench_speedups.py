@@ -163,7 +163,7 @@ def _fast_rcnn(s: dict[str, Any], batch: dict[str, Any], repeats: int) -> list[d
   variables = system.init(jax.random.key(0), batch)
   rows = []
   for svd in (False, True):
-    v = system.extras["truncated_svd"](variables) if svd else variables
+    v = system.extras.truncated_svd(variables) if svd else variables
     v = _cast(v, s["dtype"])
     predict = jax.jit(system.predict)
     timing = benchlib.time_jax(predict, (v, batch), repeats)

@@ -110,12 +110,6 @@ def compiled_cost(fn, *args, jitted: bool = False) -> dict[str, Any]:
           "compile_s": time.perf_counter() - t, "hlo": compiled.as_text()}
 
 
-def _extra(system, name: str) -> Any:
-  """A part of `system.extras` (a dict or a dataclass)."""
-  extras = system.extras
-  return extras[name] if isinstance(extras, dict) else getattr(extras, name)
-
-
 def abstract(tree: Any) -> Any:
   """Every array leaf as a jax.ShapeDtypeStruct (what the compiler needs of it)."""
   return jax.tree_util.tree_map(
@@ -139,9 +133,9 @@ def row_cost(row: str) -> dict[str, Any]:
   batch = cp._model_batch(cp.preset_batch(config, train=False, batch_size=1))  # pylint: disable=protected-access
   variables = jax.eval_shape(system.init, jax.random.PRNGKey(0), batch)
   if row == "fast_rcnn_svd":
-    variables = jax.eval_shape(_extra(system, "truncated_svd"), variables)
+    variables = jax.eval_shape(system.extras.truncated_svd, variables)
   if row == "vgg16_conv":
-    parts = _extra(system, "backbone")
+    parts = system.extras.backbone
     from jaxdet.models import backbones
     fn = lambda p, image: parts.conv.apply(
         {"params": p}, backbones.normalize_images(image, parts.conv.dtype))

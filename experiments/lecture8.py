@@ -220,7 +220,7 @@ def proposal_count(stage: Stage, config: Any, system: Any, batch: Any) -> float 
     return float(np.asarray(batch["proposal_mask"]).sum(axis=-1).mean())
   model = config.get("model", {})
   if stage.system == "fast_rcnn" and model.get("proposals") == "grid":
-    _, mask = system.extras["proposals"](batch)
+    _, mask = system.extras.proposals(batch)
     return float(np.asarray(mask).sum(axis=-1).mean())
   if stage.proposals == "rpn" and "rpn_proposals" in model:
     return float(model["rpn_proposals"]["test"]["post_nms_topk"])

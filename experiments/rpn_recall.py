@@ -4,7 +4,7 @@ r"""RPN proposal recall (at 300 proposals) against selective search (at 2000), s
         --workdir /tmp/frcnn [--num 64] [--ss_mode fast] [--no_ss]
 
 Restores the latest checkpoint of a trained `faster_rcnn` workdir, runs the RPN alone as a
-proposal generator (`system.extras["proposals"]`: test settings, e.g. 6000 -> NMS 0.7 -> 300)
+proposal generator (`system.extras.proposals`: test settings, e.g. 6000 -> NMS 0.7 -> 300)
 on the first `--num` images of `config.eval.split`, and prints one JSON line per method with
 recall@{k}_iou{0.5,0.7} (`jaxdet.proposals.recall.proposal_recall`: the share of ground-truth
 boxes whose best IoU with the first k proposals reaches the threshold) and seconds per image.
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> list[dict]:
   loader = make_loader(config.data, config.eval.split, batch_size=int(config.eval.batch_size),
                        seed=int(config.seed), train=False)
   state = loop.restore_for_inference(config, fv.workdir, system, setup.peek(loader))
-  proposals = jax.jit(system.extras["proposals"])
+  proposals = jax.jit(system.extras.proposals)
   gts, images, rpn_boxes, rpn_masks = [], [], [], []
   seconds = 0.0
   for batch in loader:

@@ -605,84 +605,27 @@ def localization_loss(logits: Array, coords: Array, targets: dict[str, Array], *
 # ---------------------------------------------------------------------------------------------
 # Fast R-CNN
 #
-# A box loss is chosen by name (`box_loss="smooth_l1" | "l2" | "giou"`) or by a dotted path
-# "package.module:function" to a user function with the same signature as those below:
-#
-#   fn(pred_deltas f32[R, 4], target_deltas f32[R, 4], mask bool[R], *, rois f32[R, 4],
-#      stds (4 floats)) -> f32[R]   per-RoI loss (summed over coordinates), 0 outside the mask
-#
-# Deltas are the normalised (dx, dy, dw, dh) of `jaxdet.ops.box_coder` relative to `rois`
-# (means 0, stds as given), so a loss on boxes (GIoU) decodes both with the same coder.
-
-
-def box_delta_smooth_l1(pred_deltas: Array, target_deltas: Array, mask: Array, *,
-                        rois: Array, stds, beta: float = 1.0) -> Array:
-  """Fast R-CNN's box loss: smooth L1 (beta = 1) summed over (dx, dy, dw, dh), per RoI."""
-  del rois, stds
-  return jnp.sum(smooth_l1(pred_deltas, target_deltas, mask[:, None], beta=beta), axis=-1)
-
-
-def box_delta_l2(pred_deltas: Array, target_deltas: Array, mask: Array, *, rois: Array,
-                 stds) -> Array:
-  """Squared error summed over (dx, dy, dw, dh), per RoI (R-CNN's ridge-regression objective)."""
-  del rois, stds
-  return jnp.sum(l2(pred_deltas, target_deltas, mask[:, None]), axis=-1)
-
-
-def box_delta_giou(pred_deltas: Array, target_deltas: Array, mask: Array, *, rois: Array,
-                   stds) -> Array:
-  """1 - GIoU of the boxes the predicted and the target deltas decode to (about `rois`)."""
-  from jaxdet.ops import box_coder
-  checks.check_boxes("rois", rois)
-  decode = lambda d: box_coder.decode_boxes(_sanitize(d, mask[:, None]), rois,  # noqa: E731
-                                            stds=tuple(stds))
-  return giou_loss(decode(pred_deltas), decode(jax.lax.stop_gradient(target_deltas)), mask)
-
-
-BOX_DELTA_LOSSES = {
-    "smooth_l1": box_delta_smooth_l1,
-    "l2": box_delta_l2,
-    "giou": box_delta_giou,
-}
-
-
-def resolve_loss(name, table):
-  """A loss function from `table` by name, or any function by "package.module:function".
-
-  Args:
-    name: a key of `table`, a "module:function" path, or a callable (returned as is).
-    table: {name: function}.
-  Raises:
-    ValueError naming the known losses for an unknown name; ImportError / AttributeError from
-    a path that does not resolve.
-  """
-  if callable(name):
-    return name
-  if not isinstance(name, str):
-    raise TypeError(f"loss: expected a name, a 'module:function' path or a callable, "
-                    f"got {name!r}")
-  if name in table:
-    return table[name]
-  if ":" in name:
-    import importlib
-    module, fn = name.split(":", 1)
-    return getattr(importlib.import_module(module), fn)
-  raise ValueError(f"loss: unknown name {name!r}; expected one of {sorted(table)} or a "
-                   f"'package.module:function' path")
+# Its two terms are "class" and "box" terms (see "Loss terms"), chosen by the system from
+# `config.model.loss.cls` / `.box`. Box codes are the normalised (dx, dy, dw, dh) of
+# `jaxdet.ops.box_coder` relative to the RoIs (means 0, stds as given); the box term's `decode`
+# maps them to boxes about the RoIs with that coder, so a loss on boxes (GIoU) needs nothing
+# else.
 
 
 def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targets: Array,
                    mask: Array, *, rois: Array, stds=(0.1, 0.1, 0.2, 0.2),
-                   box_loss="smooth_l1", box_weight: float = 1.0
+                   cls_term: Callable = softmax_cross_entropy, cls_weight: float = 1.0,
+                   box_term: Callable = box_smooth_l1, box_weight: float = 1.0
                    ) -> tuple[Array, dict[str, Array]]:
   """Fast R-CNN's multi-task loss (Girshick 2015, eq. 1) over a minibatch of sampled RoIs.
 
-    L = mean_r [ -log p_r(u_r) + lambda [u_r >= 1] L_loc(t_r^{u_r}, v_r) ]
+    L = mean_r [ w_cls L_cls(p_r, u_r) + w_box [u_r >= 1] L_loc(t_r^{u_r}, v_r) ]
 
-  over the R' valid RoIs r (mask True): u_r the true class (0 = background), p_r the softmax
-  over C + 1 classes, t_r^u the predicted deltas of class u, v_r the regression target, and
-  L_loc the box loss (smooth L1 by default). As in the paper's Caffe code (and torchvision's
-  fastrcnn_loss), the box term sums over the foreground RoIs and divides by all R' RoIs.
+  over the R' valid RoIs r (mask True): u_r the true class (0 = background), p_r the C + 1
+  class scores, t_r^u the predicted deltas of class u, v_r the regression target; L_cls the
+  class term (softmax cross-entropy by default), L_loc the box term (smooth L1 by default).
+  As in the paper's Caffe code (and torchvision's fastrcnn_loss), the box term sums over the
+  foreground RoIs and divides by all R' RoIs; R' is the global count (jaxdet.global_batch).
 
   Args:
     cls_logits: f[R, C + 1] class scores, column 0 = background.
@@ -694,14 +637,17 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
     box_targets: f32[R, 4] normalised deltas of each RoI's matched ground truth (used where
       labels >= 1).
     mask: bool[R] True = a sampled RoI (False = padding of the fixed-size minibatch).
-    rois: f32[R, 4] (x1, y1, x2, y2) pixels, the RoIs (for box losses that decode boxes).
+    rois: f32[R, 4] (x1, y1, x2, y2) pixels, the RoIs (the box term's `decode` is about them).
     stds: the (x, y, w, h) normalisation of the deltas.
-    box_loss: a name of `BOX_DELTA_LOSSES`, a "module:function" path or a callable.
+    cls_term: a "class" term (`TERMS["class"]`, or a user function of that signature).
+    cls_weight: its weight.
+    box_term: a "box" term (`TERMS["box"]`, or a user function of that signature).
     box_weight: lambda.
   Returns:
     loss f32[]; metrics {"loss/cls", "loss/box" (weighted; they add up to the loss),
     "fast_rcnn/accuracy" (over valid RoIs), "fast_rcnn/fg_fraction", "fast_rcnn/num_rois"}.
   """
+  from jaxdet.ops import box_coder
   checks.check_array("cls_logits", cls_logits, ndim=2, dtype_kind="f")
   r, c1 = cls_logits.shape
   if c1 < 2:
@@ -713,34 +659,36 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
   checks.check_mask("mask", mask, "labels", (r,))
   checks.check_boxes("rois", rois)
   checks.check_same_size("labels", labels, "rois", rois)
+  checks.check_positive("cls_weight", cls_weight, allow_zero=True)
   checks.check_positive("box_weight", box_weight, allow_zero=True)
-  loss_fn = resolve_loss(box_loss, BOX_DELTA_LOSSES)
 
   labels = labels.astype(jnp.int32)
   fg = mask & (labels >= 1)                                                 # [R]
   count = global_batch.normaliser(jnp.sum(mask))   # global over the data axis
-  cls = jnp.sum(softmax_cross_entropy(cls_logits, labels, mask)) / count
+  cls = jnp.sum(jnp.where(mask, cls_term(cls_logits.astype(jnp.float32), labels, mask),
+                          0.0)) / count
   cls_index = jnp.clip(labels - 1, 0, c1 - 2)                               # [R]
   pred = jnp.take_along_axis(box_deltas.astype(jnp.float32),
                              cls_index[:, None, None], axis=1)[:, 0]        # [R, 4]
   # Rows outside the foreground may hold anything (NaN predictions or targets, empty RoIs):
-  # replace them by harmless values so that no NaN reaches a gradient through the box loss,
-  # whichever (user) box loss it is (double `where`).
+  # replace them by harmless values so that no NaN reaches a gradient through the box term,
+  # whichever (user) term it is (double `where`).
   pred = jnp.where(fg[:, None], pred, 0.0)
   safe_targets = jnp.where(fg[:, None], box_targets.astype(jnp.float32), 0.0)
   safe_rois = jnp.where(fg[:, None], rois.astype(jnp.float32),
                         jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32))
-  box = loss_fn(pred, safe_targets, fg, rois=safe_rois, stds=tuple(stds))  # [R]
-  box = box_weight * jnp.sum(jnp.where(fg, box, 0.0)) / count
+  decode = lambda d: box_coder.decode_boxes(d, safe_rois, stds=tuple(stds))  # noqa: E731
+  box = box_term(pred, safe_targets, fg, decode=decode)                     # [R]
+  box = jnp.sum(jnp.where(fg, box, 0.0)) / count
   correct = jnp.argmax(cls_logits, axis=-1) == labels
   metrics = {
-      "loss/cls": cls,
-      "loss/box": box,
+      "loss/cls": cls_weight * cls,
+      "loss/box": box_weight * box,
       "fast_rcnn/accuracy": masked_mean(correct.astype(jnp.float32), mask),
       "fast_rcnn/fg_fraction": jnp.sum(fg) / count,
       "fast_rcnn/num_rois": jnp.sum(mask).astype(jnp.float32),
   }
-  return cls + box, metrics
+  return metrics["loss/cls"] + metrics["loss/box"], metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,17 +696,20 @@ def fast_rcnn_loss(cls_logits: Array, box_deltas: Array, labels: Array, box_targ
 
 
 def rpn_loss(logits: Array, deltas: Array, targets: dict[str, Array], mask: Array, *,
-             box_weight: float = 1.0, beta: float = 1.0 / 9.0
-             ) -> tuple[Array, dict[str, Array]]:
-  """The RPN loss (Ren et al. 2015, eq. 1): objectness log loss + lambda * smooth L1.
+             anchors: Array, weights=(1.0, 1.0, 1.0, 1.0),
+             objectness_term: Callable = sigmoid_binary_cross_entropy,
+             objectness_weight: float = 1.0, box_term: Callable = box_smooth_l1_rpn,
+             box_weight: float = 1.0) -> tuple[Array, dict[str, Array]]:
+  """The RPN loss (Ren et al. 2015, eq. 1): objectness term + lambda * box term.
 
-    L = 1/N_cls sum_i L_cls(p_i, p*_i) + lambda 1/N_cls sum_i p*_i L_reg(t_i, t*_i)
+    L = w_obj 1/N_cls sum_i L_cls(p_i, p*_i) + lambda 1/N_cls sum_i p*_i L_reg(t_i, t*_i)
 
-  over the sampled anchors i of the whole batch, N_cls their number. L_cls is the sigmoid
-  binary cross-entropy of one logit per anchor; L_reg the smooth L1 loss (`smooth_l1` with
-  `beta`, py-faster-rcnn's sigma = 3 gives beta = 1/9) summed over the 4 deltas, for positives
-  only. Normalising both terms by N_cls (as py-faster-rcnn and torchvision do) and lambda = 1
-  matches the paper's N_reg ~ 2400 locations with lambda = 10.
+  over the sampled anchors i of the whole batch, N_cls their (global) number. L_cls is a
+  "binary" term of one logit per anchor (sigmoid binary cross-entropy by default); L_reg a
+  "box" term on the positives (smooth L1 with beta 1/9 by default: py-faster-rcnn's sigma = 3),
+  its `decode` giving boxes about the anchors. Normalising both terms by N_cls (as
+  py-faster-rcnn and torchvision do) and lambda = 1 matches the paper's N_reg ~ 2400 locations
+  with lambda = 10.
 
   Args:
     logits: f[B, N] objectness logits.
@@ -766,12 +717,15 @@ def rpn_loss(logits: Array, deltas: Array, targets: dict[str, Array], mask: Arra
     targets: {"objectness": f32[B, N] 1 positive / 0 negative, "box": f32[B, N, 4] target
       deltas (read at positives only)}.
     mask: bool[B, N], the sampled anchors (positives and negatives).
-    box_weight: lambda.
-    beta: smooth L1 transition point.
+    anchors: f32[N, 4] (x1, y1, x2, y2) pixels, shared by the images.
+    weights: the box coder weights of the deltas.
+    objectness_term: a "binary" term; objectness_weight its weight.
+    box_term: a "box" term; box_weight lambda.
   Returns:
     loss f32[]; metrics {"loss/rpn_objectness", "loss/rpn_box"} (the weighted terms, adding up
     to the loss), "rpn/accuracy" over the sampled anchors, "rpn/positives" per image.
   """
+  from jaxdet.ops import box_coder
   checks.check_array("logits", logits, ndim=2, dtype_kind="f")
   checks.check_array("deltas", deltas, dtype_kind="f", shape=logits.shape + (4,))
   if not isinstance(targets, dict) or not {"objectness", "box"} <= set(targets):
@@ -781,17 +735,28 @@ def rpn_loss(logits: Array, deltas: Array, targets: dict[str, Array], mask: Arra
                      shape=logits.shape)
   checks.check_array("targets['box']", targets["box"], dtype_kind="f", shape=deltas.shape)
   checks.check_mask("mask", mask, "logits", logits.shape)
+  checks.check_boxes("anchors", anchors)
+  checks.check_same_size("logits", logits, "anchors", anchors, axis_a=1)
+  checks.check_positive("objectness_weight", objectness_weight, allow_zero=True)
   checks.check_positive("box_weight", box_weight, allow_zero=True)
+  b, n = logits.shape
   # Unsampled entries may hold anything (NaN included): zeroed before use, so that their
   # gradients are 0, not 0 * NaN.
   obj = jnp.where(mask, targets["objectness"].astype(jnp.float32), 0.0)   # [B, N]
   positive = mask & (obj > 0.5)                                           # [B, N]
   box = jnp.where(positive[..., None], targets["box"].astype(jnp.float32), 0.0)
   count = global_batch.normaliser(jnp.sum(mask))   # global over the data axis
-  cls = masked_sum(sigmoid_binary_cross_entropy(logits, obj, mask)) / count
-  reg = masked_sum(smooth_l1(deltas, box, positive[..., None], beta=beta)) / count
+  flat_anchors = jnp.broadcast_to(anchors.astype(jnp.float32), (b, n, 4)).reshape(b * n, 4)
+  decode = lambda d: box_coder.decode_boxes(d, flat_anchors,  # noqa: E731
+                                            weights=tuple(weights))
+  cls = objectness_term(logits.astype(jnp.float32).reshape(b * n), obj.reshape(b * n),
+                        mask.reshape(b * n))
+  cls = jnp.sum(jnp.where(mask.reshape(b * n), cls, 0.0)) / count
+  reg = box_term(deltas.astype(jnp.float32).reshape(b * n, 4), box.reshape(b * n, 4),
+                 positive.reshape(b * n), decode=decode)
+  reg = jnp.sum(jnp.where(positive.reshape(b * n), reg, 0.0)) / count
   correct = (logits.astype(jnp.float32) > 0.0) == positive
-  metrics = {"loss/rpn_objectness": cls, "loss/rpn_box": box_weight * reg,
+  metrics = {"loss/rpn_objectness": objectness_weight * cls, "loss/rpn_box": box_weight * reg,
              "rpn/accuracy": masked_mean(correct.astype(jnp.float32), mask),
              "rpn/positives": jnp.mean(jnp.sum(positive, axis=1).astype(jnp.float32))}
-  return cls + box_weight * reg, metrics
+  return metrics["loss/rpn_objectness"] + metrics["loss/rpn_box"], metrics

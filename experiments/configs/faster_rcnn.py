@@ -2,43 +2,24 @@ r"""Faster R-CNN (Ren et al. 2015): a Region Proposal Network on the shared conv
 
   python -m experiments.train --config experiments/configs/classify.py:cpu --workdir /tmp/cls
   python -m experiments.train --config experiments/configs/faster_rcnn.py:cpu --workdir /tmp/frcnn \
-      --config.model.init_from=/tmp/cls
-  python -m experiments.train --config experiments/configs/faster_rcnn.py:paper --workdir /tmp/frcnn_voc
-  # the paper's 4-step alternating training instead of approximate joint training (each
-  # step resumable, in /tmp/frcnn_alt/<step>; evaluate reads the last step's folder):
+      --config.model.init_from=/tmp/cls        # evaluate: experiments.evaluate, same flags
+  python -m experiments.train --config experiments/configs/faster_rcnn.py:paper --workdir /tmp/v
+  # the 4-step alternating training (steps in /tmp/alt/<step>, each resumable):
   python -m experiments.train --config experiments/configs/faster_rcnn.py:cpu \
-      --workdir /tmp/frcnn_alt --config.model.stage=alternating
-  python -m experiments.evaluate --config experiments/configs/faster_rcnn.py:cpu \
-      --workdir /tmp/frcnn_alt --config.model.stage=alternating
+      --workdir /tmp/alt --config.model.stage=alternating
 
-Presets:
-  cpu:   the tiny backbone of experiments/configs/classify.py:cpu (stride 8, widths 16-64,
-         fc 128, 128), started from that classification run (`model.init_from`, as the
-         lecture does), on the 128 x 128 synthetic shapes, anchors scaled to the image
-         (scales 16, 32, 64; ratios 0.5, 1, 2), proposals 2000 / 300 -> 600 / 100, approximate
-         joint training, 1200 steps of 8 images; minutes on 2 CPU cores. Measured on the 256
-         test images (2026-11-25, shared 2-core machine; CPU = user + sys of the training):
-         * this preset: VOC07 mAP@0.5 0.785, COCO AP 0.403; 193 s CPU;
-         * the same for 600 steps: 0.567; 103 s CPU;
-         * from scratch, widths (32, 64, 96, 128), fc 256 (the previous preset): 0.799,
-           COCO AP 0.450; 371 s CPU;
-         * 4-step alternating training (--config.model.stage=alternating, steps 600 / 600 /
-           300 / 300, from the same classify run): 0.697, COCO AP 0.319; 218 s CPU, 169 s
-           wall on an idle machine (each step's own eval: 0.016, 0.256, 0.636, 0.697).
-  paper: VGG16 (ImageNet weights from `model.pretrained`, conv1_1..conv2_2 frozen as in the
-         paper), images rescaled so the shorter side is 600 (longer <= 1000), anchors 128, 256,
-         512 x ratios 0.5, 1, 2 at stride 16; RPN: 256 anchors per image, half positive,
-         IoU 0.7 / 0.3, NMS 0.7, 12000 / 2000 proposals in training and 6000 / 300 at test;
-         Fast R-CNN: 128 RoIs per image, 25% foreground; batch 2 images; SGD momentum 0.9,
-         weight decay 5e-4, lr 1e-3 for 50k steps then 1e-4 for 20k (VOC 2007 trainval,
-         the py-faster-rcnn end-to-end schedule), bfloat16. Without a weights file the
-         frozen layers would stay random: an error (or --config.model.frozen="()").
-         Training batches are grouped by aspect ratio (600 x 1000 or 1000 x 600).
-
-Stages (config.model.stage): "joint" (approximate joint training, the default),
-"alternating" (the 4-step alternating training: `jaxdet.train.alternating.train_alternating`
-runs the steps in sequence, each resumable, with `model.alternating_steps` steps each), or one
-step of it alone, "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn".
+cpu:   classify.py:cpu's tiny backbone (stride 8) from that run (`model.init_from`), 128 px
+       synthetic shapes, anchors scaled to the image (16, 32, 64 x 0.5, 1, 2), proposals
+       600 -> 128 (train) / 100 (test), 64 RoIs with background IoU from 0, approximate joint
+       training, 1200 steps of 8 images, SGD lr 2e-2 with grad clipping; minutes on 2 cores.
+paper: VGG16 (ImageNet weights from `model.pretrained`, conv1_1..conv2_2 frozen), shorter side
+       600 (longer <= 1000), anchors 128, 256, 512 at stride 16; RPN 256 anchors (half
+       positive, IoU 0.7 / 0.3), proposals 12000 -> 2000 / 6000 -> 300; 128 RoIs per image;
+       batch 2, SGD lr 1e-3 for 50k steps then 1e-4 for 20k, bfloat16 (py-faster-rcnn end2end).
+Stages (model.stage): "joint" (approximate joint training), "alternating" (the 4 steps of
+`jaxdet.train.alternating`, `model.alternating_steps` each), or one step alone. Loss terms:
+model.loss.cls, box, rpn_objectness, rpn_box (names of jaxdet.losses.TERMS or dotted paths),
+weights model.loss.<term>_weight.
 """
 
 from __future__ import annotations
@@ -73,10 +54,13 @@ def get_config(preset: str = "cpu"):
                     "min_size": 4.0 if cpu else 16.0},
           "test": {"pre_nms_topk": 600 if cpu else 6000, "post_nms_topk": 100 if cpu else 300,
                    "nms_threshold": 0.7, "min_size": 4.0 if cpu else 16.0}},
-      "rpn_loss": {"box_weight": 1.0, "beta": 1.0 / 9.0},
       "sampler": {"rois_per_image": 64 if cpu else 128, "fg_fraction": 0.25, "fg_iou": 0.5,
                   "bg_iou_high": 0.5, "bg_iou_low": 0.0 if cpu else 0.1, "add_gt": True},
-      "loss": {"box_loss": "smooth_l1", "box_weight": 1.0},
+      "loss": {"cls": "softmax_cross_entropy", "cls_weight": 1.0,
+               "box": "smooth_l1", "box_weight": 1.0,
+               "rpn_objectness": "sigmoid_binary_cross_entropy",
+               "rpn_objectness_weight": 1.0,
+               "rpn_box": "smooth_l1_rpn", "rpn_box_weight": 1.0},
       "predict": {"score_threshold": 0.01 if cpu else 0.05, "iou_threshold": 0.3,
                   "max_detections": 100, "pre_nms_topk": 0},
   }

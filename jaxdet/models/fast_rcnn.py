@@ -3,48 +3,51 @@
 The whole image goes through the backbone's conv layers once (stride 16); each region proposal
 is max-pooled from the feature map to roi_size x roi_size (`jaxdet.ops.roi_pool.roi_pool`,
 vmapped over images), passed through the backbone's fc layers, and two sibling heads give
-(C + 1)-way softmax scores and class-specific box deltas. Parts:
+(C + 1)-way class scores and class-specific box deltas. In the order of every detector:
 
-* `FastRCNNNet`: the network (`features`, `head`, `predictor` methods; `__call__` runs all).
-* `sample_rois`: hierarchical sampling for one image: match proposals (plus the ground truth)
-  to ground truth by IoU, draw `rois_per_image` RoIs with at most 25% foreground (IoU >= 0.5)
-  and background IoU in [0.1, 0.5), encode normalised box targets (means 0, stds
-  (0.1, 0.1, 0.2, 0.2)).
-* `jaxdet.losses.fast_rcnn_loss`: log loss + lambda * box loss (smooth L1 unless the config
-  names another: "l2", "giou" or "package.module:function").
-* `score_proposals` (via `build_system(...).extras`): softmax scores and class-specific boxes
-  of every proposal, at one scale or over an image pyramid (each RoI pooled at the scale where
-  its area is closest to `ms_target_size`^2 pixels, as in the paper); `predict`: per-class NMS
-  (0.3) and the best `max_detections`.
-* `truncated_svd`: the post-training transform of fc6, fc7, ... into two thinner layers each
-  (W ~ U_t S_t V_t^T), which `predict` runs as such.
-* `build_system(config)`: the `jaxdet.system.System`.
+1. `Settings` (sections `Sampler`, `Grid`, `Predict`, `Loss`), from `config.model`. The
+   second-stage part (`SecondStage`: backbone, sampler, box coding, loss, predict) is shared
+   with Faster R-CNN (`jaxdet.models.faster_rcnn`), which composes it.
+2. `FastRCNNNet`: the network (`features`, `pool`, `head`, `predictor`, `roi_outputs`).
+3. Targets: `sample_rois`, the hierarchical sampling of one image: match proposals (plus the
+   ground truth) to ground truth by IoU, draw `rois_per_image` RoIs with at most 25%
+   foreground (IoU >= 0.5) and background IoU in [0.1, 0.5), encode normalised box targets
+   (means 0, stds (0.1, 0.1, 0.2, 0.2)); `sample_batch` over a batch. Proposals:
+   `batch_proposals` (`model.proposals = "batch"`: the batch's `proposals` f32[B, P, 4] and
+   `proposal_mask` bool[B, P], e.g. selective search; `"grid"`: `grid_proposals`, a fixed
+   multi-scale grid of boxes, `grid.scales` x `grid.ratios` every `grid.stride` pixels).
+4. Loss: `second_stage_loss`, the terms `loss/cls` (`config.model.loss.cls`, softmax
+   cross-entropy) and `loss/box` (`config.model.loss.box`, smooth L1), by
+   `jaxdet.losses.fast_rcnn_loss`; diagnostics `fast_rcnn/...`.
+5. Post-processing: `score_boxes` (softmax scores, class-specific boxes decoded and clipped)
+   and `postprocess` (per-class NMS 0.3, the best `max_detections`); `make_scorer` scores
+   every proposal at one scale or over an image pyramid (each RoI pooled at the scale where
+   its side is closest to `ms_target_size` pixels, as in the paper). `truncated_svd`: the
+   post-training transform of fc6, fc7, ... into two thinner layers each (W ~ U_t S_t V_t^T),
+   which `predict` runs as such (`make_head`).
+6. `build_system(config)`: the `jaxdet.system.System`, with `Extras`.
 
 Classes: background is class 0 of the softmax internally; object class c of the data is
 softmax class c + 1. Box deltas exist for the C object classes only (f[N, C, 4]); detections
 carry the data's labels 0..C-1.
-
-Proposals: `model.proposals = "batch"` reads the batch's `proposals` f32[B, P, 4] and
-`proposal_mask` bool[B, P] (selective search, attached by the data pipeline); `"grid"` uses a
-fixed multi-scale grid of boxes (sliding windows: `grid.scales` x `grid.ratios` every
-`grid.stride` pixels, clipped to each image), which needs no precomputation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from jaxdet import checks, global_batch
 from jaxdet import losses
 from jaxdet.models import backbones
-from jaxdet.models.settings import merge_settings
+from jaxdet.models import init_from as init_from_lib
+from jaxdet.models import settings
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
@@ -52,44 +55,122 @@ from jaxdet.ops import matching, sampling
 from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.roi_pool import roi_pool
 from jaxdet.system import System
-from jaxdet.models import init_from as init_from_lib
 
 Array = jax.Array
 
-MODEL_DEFAULTS: dict[str, Any] = {
-    "num_classes": 6,            # C (background excluded)
-    "backbone": "tiny",          # a key of jaxdet.models.backbones.BACKBONES
-    "backbone_kw": {},           # keyword arguments of its constructor
-    "pretrained": "",            # a torchvision weights file (jaxdet.models.torch_weights)
-    "init_from": "",             # a finished classify run's workdir: conv + fc from its latest
-                                 # checkpoint (jaxdet.models.init_from); "" = none
-    "frozen": (),                # conv layer names kept at their values (VGG16: conv1_1..conv2_2)
-    "dropout_rate": 0.5,
-    "proposals": "batch",        # "batch" (batch["proposals"]) | "grid"
-    "grid": {"scales": (24.0, 40.0, 64.0), "ratios": (0.5, 1.0, 2.0), "stride": 8},
-    "sampler": {"rois_per_image": 64, "fg_fraction": 0.25, "fg_iou": 0.5,
-                "bg_iou_high": 0.5, "bg_iou_low": 0.1, "add_gt": True},
-    "box_stds": (0.1, 0.1, 0.2, 0.2),
-    "loss": {"box_loss": "smooth_l1", "box_weight": 1.0},
-    "svd_ranks": (0, 0),         # truncated_svd ranks of fc6, fc7, ... (0 = keep the layer)
-    "test_scales": (1.0,),       # image pyramid factors of the batch image (1.0: single scale)
-    "ms_target_size": 224.0,     # multi-scale: pool each RoI where its side is closest to this
-    "predict": {"score_threshold": 0.01, "iou_threshold": 0.3, "max_detections": 100,
-                "pre_nms_topk": 0},   # 0 = every (proposal, class) pair enters NMS
-}
+# ----------------------------------------------------------------------------- settings
 
 
-def model_config(config: Any) -> dict[str, Any]:
-  """The model section of an experiment config over `MODEL_DEFAULTS` (a top-level
-  `config.num_classes` wins over `config.model.num_classes`)."""
-  model = config["model"] if "model" in config else {}
-  cfg = merge_settings(MODEL_DEFAULTS, model, "config.model")
-  if config.get("num_classes") is not None:
-    cfg["num_classes"] = int(config["num_classes"])
-  if cfg["proposals"] not in ("batch", "grid"):
-    raise ValueError(f"config.model.proposals: expected 'batch' or 'grid', got "
-                     f"{cfg['proposals']!r}")
-  return cfg
+def _check_unit(where: str, value: float) -> None:
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{where}: expected a value in [0, 1], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler(settings.Settings):
+  """The RoI minibatch of one image (`sample_rois`), paper section 2.3."""
+  rois_per_image: int = 64
+  fg_fraction: float = 0.25
+  fg_iou: float = 0.5
+  bg_iou_high: float = 0.5
+  bg_iou_low: float = 0.1
+  add_gt: bool = True
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.rois_per_image", self.rois_per_image)
+    _check_unit(f"{where}.fg_fraction", self.fg_fraction)
+    _check_unit(f"{where}.fg_iou", self.fg_iou)
+    if not 0.0 <= self.bg_iou_low <= self.bg_iou_high <= 1.0:
+      raise ValueError(f"{where}: expected 0 <= bg_iou_low <= bg_iou_high <= 1, got "
+                       f"bg_iou_low {self.bg_iou_low}, bg_iou_high {self.bg_iou_high}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid(settings.Settings):
+  """`model.proposals = "grid"`: boxes of `scales` (pixels) x `ratios` (h / w) every `stride`."""
+  scales: tuple = (24.0, 40.0, 64.0)
+  ratios: tuple = (0.5, 1.0, 2.0)
+  stride: int = 8
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.scales", self.scales)
+    checks.check_positive(f"{where}.ratios", self.ratios)
+    checks.check_positive(f"{where}.stride", self.stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict(settings.Settings):
+  """Test-time post-processing (`postprocess`)."""
+  score_threshold: float = 0.01
+  iou_threshold: float = 0.3
+  max_detections: int = 100
+  pre_nms_topk: int = 0        # 0 = every (proposal, class) pair enters NMS
+
+  def validate(self, where: str) -> None:
+    _check_unit(f"{where}.iou_threshold", self.iou_threshold)
+    checks.check_positive(f"{where}.max_detections", self.max_detections)
+    checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(settings.LossSettings):
+  """The second stage's terms (`jaxdet.losses.fast_rcnn_loss`); the defaults are the paper's
+  log loss and smooth L1 (lambda = 1)."""
+  TERMS = {"cls": "class", "box": "box"}
+  cls: str = "softmax_cross_entropy"
+  cls_weight: float = 1.0
+  box: str = "smooth_l1"
+  box_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SecondStage(settings.Settings):
+  """The settings Fast and Faster R-CNN share: backbone, RoI sampling, box coding, the loss
+  and post-processing."""
+  num_classes: int = 6         # C (background excluded)
+  backbone: str = "tiny"       # a key of jaxdet.models.backbones.BACKBONES
+  backbone_kw: dict = dataclasses.field(default_factory=dict)   # its constructor's keywords
+  pretrained: str = ""         # a torchvision weights file (jaxdet.models.torch_weights)
+  init_from: str = ""          # a finished classify run's workdir: conv + fc from its latest
+                               # checkpoint (jaxdet.models.init_from); "" = none
+  frozen: tuple = ()           # conv layer names kept at their values (VGG16: conv1_1..conv2_2)
+  dropout_rate: float = 0.5    # of the fc part (not ResNet-50's)
+  sampler: Sampler = Sampler()
+  box_stds: tuple = (0.1, 0.1, 0.2, 0.2)
+  loss: Loss = Loss()
+  predict: Predict = Predict()
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.num_classes", self.num_classes)
+    if len(self.box_stds) != 4:
+      raise ValueError(f"{where}.box_stds: expected 4 numbers, got {self.box_stds!r}")
+    checks.check_positive(f"{where}.box_stds", self.box_stds)
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"{where}.dropout_rate: expected a value in [0, 1), got "
+                       f"{self.dropout_rate!r}")
+
+  @property
+  def stds(self) -> tuple[float, ...]:
+    return tuple(float(s) for s in self.box_stds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(SecondStage):
+  """Fast R-CNN's settings: the second stage, where proposals come from, truncated SVD and
+  multi-scale testing."""
+  proposals: str = "batch"     # "batch" (batch["proposals"]) | "grid"
+  grid: Grid = Grid()
+  svd_ranks: tuple = (0, 0)    # truncated_svd ranks of fc6, fc7, ... (0 = keep the layer)
+  test_scales: tuple = (1.0,)  # image pyramid factors of the batch image (1.0: single scale)
+  ms_target_size: float = 224.0   # multi-scale: pool each RoI where its side is closest
+
+  def validate(self, where: str) -> None:
+    super().validate(where)
+    if self.proposals not in ("batch", "grid"):
+      raise ValueError(f"{where}.proposals: expected 'batch' or 'grid', got "
+                       f"{self.proposals!r}")
+    checks.check_positive(f"{where}.svd_ranks", self.svd_ranks, allow_zero=True)
+    checks.check_positive(f"{where}.test_scales", self.test_scales)
 
 
 # ----------------------------------------------------------------------------- network
@@ -147,26 +228,59 @@ class FastRCNNNet(nn.Module):
     """Pooled regions f[N, roi_size, roi_size, C'] -> (logits, deltas) as `predictor`."""
     return self.predictor(self.fc(pooled, train=train))
 
-  def __call__(self, images: Array, rois: Array, roi_mask: Array,
-               train: bool = False) -> tuple[Array, Array]:
-    """images f[B, H, W, 3] (normalised), rois f32[B, R, 4], roi_mask bool[B, R] ->
-    (logits f32[B, R, C + 1], deltas f32[B, R, C, 4])."""
-    pooled = self.pool(self.features(images, train), rois, roi_mask)
+  def roi_outputs(self, features: Array, rois: Array, roi_mask: Array,
+                  train: bool = False) -> tuple[Array, Array]:
+    """The second stage on given RoIs: features f[B, h, w, C'], rois f32[B, R, 4] pixels,
+    roi_mask bool[B, R] -> (logits f32[B, R, C + 1], deltas f32[B, R, C, 4])."""
+    pooled = self.pool(features, rois, roi_mask)
     b, r = rois.shape[:2]
     logits, deltas = self.head(pooled.reshape(b * r, *pooled.shape[2:]), train)
     return logits.reshape(b, r, -1), deltas.reshape(b, r, self.num_classes, 4)
 
+  def __call__(self, images: Array, rois: Array, roi_mask: Array,
+               train: bool = False) -> tuple[Array, Array]:
+    """images f[B, H, W, 3] (normalised), rois f32[B, R, 4], roi_mask bool[B, R] ->
+    (logits f32[B, R, C + 1], deltas f32[B, R, C, 4])."""
+    return self.roi_outputs(self.features(images, train), rois, roi_mask, train)
 
-def make_network(cfg: Mapping[str, Any], dtype: Any = jnp.float32
+
+def backbone_parts(s: SecondStage, dtype: Any) -> backbones.BackboneParts:
+  """The backbone of the settings (its dropout is `s.dropout_rate` unless `backbone_kw` sets
+  one; ResNet-50 has none)."""
+  kw = dict(s.backbone_kw)
+  if s.backbone != "resnet50":
+    kw.setdefault("dropout_rate", float(s.dropout_rate))
+  return backbones.get_backbone(s.backbone, dtype=dtype, **kw)
+
+
+def make_network(s: Settings, dtype: Any = jnp.float32
                  ) -> tuple[FastRCNNNet, backbones.BackboneParts]:
-  """The network of a model config (see `MODEL_DEFAULTS`) and its backbone's parts."""
-  kw = dict(cfg.get("backbone_kw", {}))
-  if cfg.get("dropout_rate") is not None and cfg["backbone"] != "resnet50":
-    kw.setdefault("dropout_rate", float(cfg["dropout_rate"]))
-  parts = backbones.get_backbone(cfg["backbone"], dtype=dtype, **kw)
-  net = FastRCNNNet(parts.conv.clone(), parts.fc.clone(), int(cfg["num_classes"]),
-                    parts.stride, parts.roi_size, dtype=dtype)
+  """The network of the settings and its backbone's parts."""
+  parts = backbone_parts(s, dtype)
+  net = FastRCNNNet(parts.conv.clone(), parts.fc.clone(), s.num_classes, parts.stride,
+                    parts.roi_size, dtype=dtype)
   return net, parts
+
+
+def make_initializer(net: nn.Module, dtype: Any) -> Callable[[jax.Array, jax.Array], dict]:
+  """Jitted (rng, images u8[B, H, W, 3]) -> variables of a RoI network called as
+  net(x, rois f32[B, R, 4], roi_mask bool[B, R]) (Fast R-CNN's, and Faster R-CNN's subclass)."""
+  @jax.jit
+  def init(rng, images):
+    x = backbones.normalize_images(images, dtype)
+    rois = jnp.tile(jnp.asarray([[0.0, 0.0, 16.0, 16.0]]), (x.shape[0], 1, 1))
+    return dict(net.init({"params": rng}, x, rois, jnp.ones(rois.shape[:2], bool)))
+  return init
+
+
+def load_backbone_weights(variables: dict, s: SecondStage) -> dict:
+  """Replaces the "conv" and "fc" params (and the backbone's other collections, e.g. ResNet's
+  batch_stats) by those of `s.pretrained` (a local torchvision state dict) and/or of the
+  finished classification run `s.init_from`; either may be empty
+  (jaxdet.models.init_from.start_backbone)."""
+  return init_from_lib.start_backbone(variables, backbone=s.backbone,
+                                      backbone_kw=s.backbone_kw, pretrained=s.pretrained,
+                                      init_from=s.init_from)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -224,6 +338,21 @@ def sample_rois(key: Array, proposals: Array, proposal_mask: Array, gt_boxes: Ar
           "iou": jnp.where(valid, max_iou[idx], 0.0)}
 
 
+def roi_sampler(s: SecondStage) -> Callable[..., dict[str, Array]]:
+  """`sample_rois` of one image with the settings' sampler and box coding."""
+  return functools.partial(sample_rois, **dataclasses.asdict(s.sampler), stds=s.stds)
+
+
+def sample_batch(sampler: Callable, key: Array, proposals: Array, proposal_mask: Array,
+                 batch: Mapping[str, Array]) -> dict[str, Array]:
+  """`sampler` (a `roi_sampler`) over a batch, one key per image by its global index:
+  proposals f32[B, P, 4], proposal_mask bool[B, P] -> `sample_rois`'s entries with a leading
+  B axis."""
+  keys = global_batch.example_keys(key, proposals.shape[0])
+  return jax.vmap(sampler)(keys, proposals, proposal_mask, batch["boxes"], batch["labels"],
+                           batch["box_mask"])
+
+
 # ----------------------------------------------------------------------------- proposals
 
 
@@ -247,6 +376,23 @@ def grid_proposals(image_size: Array, shape: tuple[int, int], *, scales: Sequenc
   centre = 0.5 * (grid[:, :2] + grid[:, 2:])
   mask = (centre[:, 0] < size[1]) & (centre[:, 1] < size[0])
   return box_ops.clip_boxes(grid, size[0], size[1]), mask
+
+
+def batch_proposals(s: Settings, batch: Mapping[str, Array]) -> tuple[Array, Array]:
+  """The proposals of a batch: (f32[B, P, 4], bool[B, P]), from the batch or the grid."""
+  checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
+  if s.proposals == "grid":
+    fn = functools.partial(grid_proposals, shape=tuple(batch["image"].shape[1:3]),
+                           scales=s.grid.scales, ratios=s.grid.ratios, stride=s.grid.stride)
+    return jax.vmap(fn)(batch["image_size"])
+  if "proposals" not in batch or "proposal_mask" not in batch:
+    raise ValueError("batch: config.model.proposals = 'batch' needs 'proposals' f32[B, P, 4] "
+                     "and 'proposal_mask' bool[B, P] (selective search through the data "
+                     "pipeline), or set config.model.proposals = 'grid'")
+  p, m = batch["proposals"], batch["proposal_mask"]
+  checks.check_boxes("batch['proposals']", p, ndim=3)
+  checks.check_mask("batch['proposal_mask']", m, "batch['proposals']", p.shape[:2])
+  return p.astype(jnp.float32), m
 
 
 # ----------------------------------------------------------------------------- truncated SVD
@@ -318,7 +464,98 @@ def factored_fc(fc_params: Mapping[str, Any], x: Array, dtype: Any = jnp.float32
   return x
 
 
-# ----------------------------------------------------------------------------- system
+# ----------------------------------------------------------------------------- loss
+
+
+def second_stage_loss(logits: Array, deltas: Array, samples: Mapping[str, Array],
+                      s: SecondStage) -> tuple[Array, dict[str, Array]]:
+  """The terms `loss/cls` and `loss/box` of the sampled RoIs (`jaxdet.losses.fast_rcnn_loss`
+  with the settings' terms and weights) and the diagnostic `fast_rcnn/fg_iou`.
+
+  Args:
+    logits: f32[B, R, C + 1]; deltas: f32[B, R, C, 4] (`FastRCNNNet.roi_outputs`).
+    samples: `sample_batch`'s {"rois", "labels", "targets", "valid", "iou"}, each [B, R, ...].
+    s: the settings.
+  Returns:
+    (loss f32[], metrics).
+  """
+  flat = lambda a: a.reshape(-1, *a.shape[2:])   # noqa: E731
+  value, metrics = losses.fast_rcnn_loss(
+      flat(logits), flat(deltas), flat(samples["labels"]), flat(samples["targets"]),
+      flat(samples["valid"]), rois=flat(samples["rois"]), stds=s.stds,
+      cls_term=s.loss.fn("cls"), cls_weight=s.loss.weight("cls"),
+      box_term=s.loss.fn("box"), box_weight=s.loss.weight("box"))
+  metrics["fast_rcnn/fg_iou"] = losses.masked_mean(
+      samples["iou"], samples["valid"] & (samples["labels"] > 0))
+  return value, metrics
+
+
+def make_loss(s: Settings, net: FastRCNNNet, dtype: Any) -> Callable:
+  """System.loss: (variables, batch, rng) -> (loss, metrics, new_model_state)."""
+  sampler = roi_sampler(s)
+
+  def loss(variables, batch, rng):
+    x = backbones.normalize_images(batch["image"], dtype)
+    props, pmask = batch_proposals(s, batch)
+    k_sample, k_drop = jax.random.split(rng)
+    samples = sample_batch(sampler, k_sample, props, pmask, batch)
+    mutable = ["batch_stats"] if "batch_stats" in variables else False
+    out = net.apply(variables, x, samples["rois"], samples["valid"], train=True,
+                    rngs={"dropout": k_drop}, mutable=mutable)
+    (logits, deltas), new_state = out if mutable else (out, {})
+    value, metrics = second_stage_loss(logits, deltas, samples, s)
+    return value, metrics, dict(new_state)
+  return loss
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+
+def score_boxes(logits: Array, deltas: Array, rois: Array, image_size: Array,
+                stds: Sequence[float]) -> tuple[Array, Array]:
+  """Class scores and class-specific boxes of RoIs.
+
+  Args:
+    logits: f32[B * P, C + 1]; deltas: f32[B * P, C, 4] (the head's, RoIs flattened).
+    rois: f32[B, P, 4] pixels; image_size: i32[B, 2] (height, width) of the real pixels.
+    stds: the box coding's.
+  Returns:
+    scores f32[B, P, C + 1] (softmax, column 0 = background), boxes f32[B, P, C, 4] decoded
+    about the RoIs and clipped to the real pixels.
+  """
+  b, p = rois.shape[:2]
+  c = deltas.shape[-2]
+  scores = jax.nn.softmax(logits, axis=-1).reshape(b, p, c + 1)
+  boxes = box_coder.decode_boxes(deltas.reshape(b, p, c, 4), rois[:, :, None, :],
+                                 stds=tuple(stds))                       # [B, P, C, 4]
+  size = image_size.astype(jnp.float32)
+  return scores, jax.vmap(box_ops.clip_boxes)(boxes, size[:, 0], size[:, 1])
+
+
+def postprocess(scores: Array, boxes: Array, mask: Array, p: Predict) -> dict[str, Array]:
+  """Detections of a batch: per-class NMS and the best `p.max_detections`.
+
+  scores f32[B, P, C + 1], boxes f32[B, P, C, 4], mask bool[B, P] -> {"boxes", "scores",
+  "labels" (0..C-1), "valid"}, each [B, K, ...].
+  """
+  post = functools.partial(multiclass_nms, iou_threshold=p.iou_threshold,
+                           max_output=p.max_detections, score_threshold=p.score_threshold,
+                           pre_nms_topk=p.pre_nms_topk or None)
+  return jax.vmap(lambda bx, sc, m: post(bx, sc[:, 1:], mask=m))(boxes, scores, mask)
+
+
+def make_head(net: FastRCNNNet, parts: backbones.BackboneParts, dtype: Any) -> Callable:
+  """(variables, pooled f[N, r, r, C']) -> (logits, deltas); runs SVD-factored fc layers
+  (`truncated_svd`) as such."""
+  def head(variables, pooled):
+    params = variables["params"]
+    if is_factored(params):
+      if not parts.dense_fc:
+        raise ValueError("truncated SVD applies to Dense fc parts only")
+      hidden = factored_fc(params["fc"], pooled, dtype)
+      return net.apply(variables, hidden, method=FastRCNNNet.predictor)
+    return net.apply(variables, pooled, method=FastRCNNNet.head)
+  return head
 
 
 def _resize(images: Array, factor: float) -> tuple[Array, float]:
@@ -330,6 +567,37 @@ def _resize(images: Array, factor: float) -> tuple[Array, float]:
   nw = max(1, int(round(w * factor)))
   out = jax.image.resize(images.astype(jnp.float32), (b, nh, nw, c), "linear", antialias=False)
   return out.astype(images.dtype), nh / h
+
+
+def make_scorer(s: Settings, net: FastRCNNNet, head: Callable, dtype: Any) -> Callable:
+  """(variables, batch) -> (scores f32[B, P, C + 1], boxes f32[B, P, C, 4], mask bool[B, P])
+  of every proposal, at `s.test_scales` (each RoI pooled at the level where its side is
+  closest to `s.ms_target_size`)."""
+  def score_proposals(variables, batch):
+    x = backbones.normalize_images(batch["image"], dtype)
+    props, pmask = batch_proposals(s, batch)
+    b, p = props.shape[:2]
+    side = jnp.sqrt(box_ops.box_area(props))                              # [B, P]
+    pooled = best = None
+    for factor in s.test_scales:
+      xs, exact = _resize(x, float(factor))
+      feats = net.apply(variables, xs, method=FastRCNNNet.features)
+      level_pool = net.apply(variables, feats, props * exact, pmask, exact,
+                             method=FastRCNNNet.pool)                     # [B, P, r, r, C']
+      dist = jnp.abs(side * exact - s.ms_target_size)                     # [B, P]
+      if pooled is None:
+        pooled, best = level_pool, dist
+        continue
+      take = dist < best
+      pooled = jnp.where(take[..., None, None, None], level_pool, pooled)
+      best = jnp.where(take, dist, best)
+    logits, deltas = head(variables, pooled.reshape(b * p, *pooled.shape[2:]))
+    scores, boxes = score_boxes(logits, deltas, props, batch["image_size"], s.stds)
+    return scores, boxes, pmask
+  return score_proposals
+
+
+# ----------------------------------------------------------------------------- system
 
 
 def _frozen_labels(frozen: Sequence[str]):
@@ -347,151 +615,54 @@ def _frozen_labels(frozen: Sequence[str]):
   return labels if frozen else None
 
 
-def make_initializer(net: nn.Module, dtype: Any) -> Callable[[jax.Array, jax.Array], dict]:
-  """Jitted (rng, images u8[B, H, W, 3]) -> variables of a RoI network called as
-  net(x, rois f32[B, R, 4], roi_mask bool[B, R]) (Fast R-CNN's, and Faster R-CNN's subclass)."""
-  @jax.jit
-  def init(rng, images):
-    x = backbones.normalize_images(images, dtype)
-    rois = jnp.tile(jnp.asarray([[0.0, 0.0, 16.0, 16.0]]), (x.shape[0], 1, 1))
-    return dict(net.init({"params": rng}, x, rois, jnp.ones(rois.shape[:2], bool)))
-  return init
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """Fast R-CNN's parts for experiments and tools (`System.extras`).
 
-
-def load_backbone_weights(variables: dict, cfg: Mapping[str, Any]) -> dict:
-  """Replaces the "conv" and "fc" params (and the backbone's other collections, e.g. ResNet's
-  batch_stats) by those of cfg["pretrained"] (a local torchvision state dict) and/or of the
-  finished classification run cfg["init_from"]; either may be empty
-  (jaxdet.models.init_from.start_backbone)."""
-  from jaxdet.models import init_from
-  return init_from.start_backbone(variables, backbone=cfg["backbone"],
-                                  backbone_kw=cfg["backbone_kw"], pretrained=cfg["pretrained"],
-                                  init_from=cfg["init_from"])
+  Attributes:
+    settings: the merged `Settings`.
+    network: the `FastRCNNNet`; backbone: its `BackboneParts`.
+    sample_rois: `sample_rois` of one image with the settings (vmap it).
+    proposals: batch -> (f32[B, P, 4], bool[B, P]) (`batch_proposals`).
+    score_proposals: (variables, batch) -> (scores f32[B, P, C + 1], boxes f32[B, P, C, 4],
+      mask bool[B, P]) (`make_scorer`).
+    head: (variables, pooled f[N, r, r, C']) -> (logits, deltas), SVD-factored or not.
+    truncated_svd: (variables, ranks=settings.svd_ranks) -> variables (`truncated_svd`).
+  """
+  settings: Settings
+  network: FastRCNNNet
+  backbone: backbones.BackboneParts
+  sample_rois: Callable
+  proposals: Callable
+  score_proposals: Callable
+  head: Callable
+  truncated_svd: Callable
 
 
 def build_system(config: Any) -> System:
-  """The Fast R-CNN System from an experiment config.
-
-  Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`) and `config.compute_dtype`.
-  With `model.init_from` (a finished classify run's workdir, the same backbone), `init` takes
-  the conv and fc layers from that run's latest checkpoint (jaxdet.models.init_from).
-  extras: "network" (FastRCNNNet), "backbone" (BackboneParts), "model_config",
-  "sample_rois" (one image; vmap it), "proposals" (batch -> (f32[B, P, 4], bool[B, P])),
-  "score_proposals" (variables, batch -> scores f32[B, P, C + 1], boxes f32[B, P, C, 4],
-  mask bool[B, P]), "truncated_svd" (variables, ranks=config's svd_ranks -> variables).
-  """
-  cfg = model_config(config)
+  """The Fast R-CNN System from an experiment config (`config.model`: `Settings`;
+  `config.compute_dtype`). With `model.init_from` (a finished classify run's workdir, the same
+  backbone), `init` takes the conv and fc layers from that run's latest checkpoint."""
+  s = Settings.from_config(config)
+  init_from_lib.check_frozen_loaded(s.frozen, pretrained=s.pretrained, init_from=s.init_from)
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  net, parts = make_network(cfg, dtype)
-  c = int(cfg["num_classes"])
-  checks.check_positive("config.model.num_classes", c)
-  smp, loss_cfg, pred_cfg = cfg["sampler"], cfg["loss"], cfg["predict"]
-  stds = tuple(float(s) for s in cfg["box_stds"])
-  scales = tuple(float(s) for s in cfg["test_scales"])
-  checks.check_positive("config.model.test_scales", scales)
-  losses.resolve_loss(loss_cfg["box_loss"], losses.BOX_DELTA_LOSSES)   # fail early on typos
-  sampler = functools.partial(
-      sample_rois, rois_per_image=int(smp["rois_per_image"]),
-      fg_fraction=float(smp["fg_fraction"]), fg_iou=float(smp["fg_iou"]),
-      bg_iou_high=float(smp["bg_iou_high"]), bg_iou_low=float(smp["bg_iou_low"]),
-      add_gt=bool(smp["add_gt"]), stds=stds)
-  grid_cfg = cfg["grid"]
-
-  def get_proposals(batch):
-    checks.check_array("batch['image']", batch["image"], ndim=4, last_dim=3)
-    if cfg["proposals"] == "grid":
-      fn = functools.partial(grid_proposals, shape=tuple(batch["image"].shape[1:3]),
-                             scales=grid_cfg["scales"], ratios=grid_cfg["ratios"],
-                             stride=int(grid_cfg["stride"]))
-      return jax.vmap(fn)(batch["image_size"])
-    if "proposals" not in batch or "proposal_mask" not in batch:
-      raise ValueError("batch: config.model.proposals = 'batch' needs 'proposals' f32[B, P, 4] "
-                       "and 'proposal_mask' bool[B, P] (selective search through the data "
-                       "pipeline), or set config.model.proposals = 'grid'")
-    p, m = batch["proposals"], batch["proposal_mask"]
-    checks.check_boxes("batch['proposals']", p, ndim=3)
-    checks.check_mask("batch['proposal_mask']", m, "batch['proposals']", p.shape[:2])
-    return p.astype(jnp.float32), m
-
-  _init = make_initializer(net, dtype)
+  net, parts = make_network(s, dtype)
+  initializer = make_initializer(net, dtype)
+  head = make_head(net, parts, dtype)
+  score_proposals = make_scorer(s, net, head, dtype)
 
   def init(rng, batch):
-    return load_backbone_weights(_init(rng, batch["image"]), cfg)
-
-  def loss(variables, batch, rng):
-    x = backbones.normalize_images(batch["image"], dtype)
-    props, pmask = get_proposals(batch)
-    b = x.shape[0]
-    k_sample, k_drop = jax.random.split(rng)
-    s = jax.vmap(sampler)(global_batch.example_keys(k_sample, b), props, pmask,
-                          batch["boxes"], batch["labels"], batch["box_mask"])
-    mutable = ["batch_stats"] if "batch_stats" in variables else False
-    out = net.apply(variables, x, s["rois"], s["valid"], train=True,
-                    rngs={"dropout": k_drop}, mutable=mutable)
-    (logits, deltas), new_state = out if mutable else (out, {})
-    r = s["rois"].shape[1]
-    flat = lambda a: a.reshape(b * r, *a.shape[2:])   # noqa: E731
-    value, metrics = losses.fast_rcnn_loss(
-        flat(logits), flat(deltas), flat(s["labels"]), flat(s["targets"]), flat(s["valid"]),
-        rois=flat(s["rois"]), stds=stds, box_loss=loss_cfg["box_loss"],
-        box_weight=float(loss_cfg["box_weight"]))
-    metrics["fast_rcnn/fg_iou"] = losses.masked_mean(s["iou"], s["valid"] & (s["labels"] > 0))
-    return value, metrics, dict(new_state)
-
-  def head(variables, pooled):
-    """pooled f[N, r, r, C'] -> (logits, deltas); runs SVD-factored fc layers as such."""
-    params = variables["params"]
-    if is_factored(params):
-      if not parts.dense_fc:
-        raise ValueError("truncated SVD applies to Dense fc parts only")
-      hidden = factored_fc(params["fc"], pooled, dtype)
-      return net.apply(variables, hidden, method=FastRCNNNet.predictor)
-    return net.apply(variables, pooled, method=FastRCNNNet.head)
-
-  def score_proposals(variables, batch):
-    x = backbones.normalize_images(batch["image"], dtype)
-    props, pmask = get_proposals(batch)
-    b, p = props.shape[:2]
-    side = jnp.sqrt(box_ops.box_area(props))                              # [B, P]
-    pooled = None
-    best = None
-    for level, factor in enumerate(scales):
-      xs, exact = _resize(x, factor)
-      feats = net.apply(variables, xs, method=FastRCNNNet.features)
-      level_pool = net.apply(variables, feats, props * exact, pmask, exact,
-                             method=FastRCNNNet.pool)                     # [B, P, r, r, C']
-      if pooled is None:
-        pooled, best = level_pool, jnp.abs(side * exact - cfg["ms_target_size"])
-        continue
-      dist = jnp.abs(side * exact - cfg["ms_target_size"])                # [B, P]
-      take = dist < best
-      pooled = jnp.where(take[..., None, None, None], level_pool, pooled)
-      best = jnp.where(take, dist, best)
-    logits, deltas = head(variables, pooled.reshape(b * p, *pooled.shape[2:]))
-    scores = jax.nn.softmax(logits, axis=-1).reshape(b, p, c + 1)
-    deltas = deltas.reshape(b, p, c, 4)
-    boxes = box_coder.decode_boxes(deltas, props[:, :, None, :], stds=stds)  # [B, P, C, 4]
-    size = batch["image_size"].astype(jnp.float32)
-    boxes = jax.vmap(box_ops.clip_boxes)(boxes, size[:, 0], size[:, 1])
-    return scores, boxes, pmask
+    return load_backbone_weights(initializer(rng, batch["image"]), s)
 
   def predict(variables, batch):
-    scores, boxes, pmask = score_proposals(variables, batch)
-    post = functools.partial(
-        multiclass_nms, iou_threshold=float(pred_cfg["iou_threshold"]),
-        max_output=int(pred_cfg["max_detections"]),
-        score_threshold=float(pred_cfg["score_threshold"]),
-        pre_nms_topk=int(pred_cfg["pre_nms_topk"]) or None)
-    return jax.vmap(lambda bx, sc, m: post(bx, sc[:, 1:], mask=m))(boxes, scores, pmask)
+    return postprocess(*score_proposals(variables, batch), s.predict)
 
   def svd(variables, ranks=None):
-    return truncated_svd(variables, cfg["svd_ranks"] if ranks is None else ranks)
+    return truncated_svd(variables, s.svd_ranks if ranks is None else ranks)
 
-  init_from_lib.check_frozen_loaded(cfg["frozen"], pretrained=cfg["pretrained"],
-                                    init_from=cfg["init_from"])
-  return System(name="fast_rcnn", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "backbone": parts, "model_config": cfg,
-                        "sample_rois": sampler, "proposals": get_proposals,
-                        "score_proposals": score_proposals, "head": head,
-                        "truncated_svd": svd},
-                param_labels=_frozen_labels(cfg["frozen"]))
+  extras = Extras(settings=s, network=net, backbone=parts, sample_rois=roi_sampler(s),
+                  proposals=functools.partial(batch_proposals, s),
+                  score_proposals=score_proposals, head=head, truncated_svd=svd)
+  return System(name="fast_rcnn", num_classes=s.num_classes, init=init,
+                loss=make_loss(s, net, dtype), predict=predict, extras=extras,
+                param_labels=_frozen_labels(s.frozen))

@@ -7,9 +7,19 @@ host round trip) turns them into a fixed number of proposals; the Fast R-CNN sec
 (`jaxdet.models.fast_rcnn`: RoI max pooling, fc layers, softmax + class-specific boxes, its
 RoI sampling and multi-task loss) classifies them. Parts:
 
-* `FasterRCNNNet`: `fast_rcnn.FastRCNNNet` plus the RPN head (and, for step 2 of the 4-step
-  training, a separate proposal network).
-* `build_system(config)`: the System. `config.model.stage` picks what the loss trains:
+1. `Settings`: Fast R-CNN's second-stage settings (`fast_rcnn.SecondStage`: backbone, RoI
+   `Sampler` with 128 RoIs per image, box coding, `Predict`), the RPN's (`rpn.Targets`,
+   `rpn.Proposals`, anchors), the training stage, and `Loss`: Fast R-CNN's terms `cls`, `box`
+   plus `rpn_objectness` (sigmoid binary cross-entropy) and `rpn_box` (smooth L1, beta 1/9).
+2. `FasterRCNNNet`: `fast_rcnn.FastRCNNNet` plus the RPN head (and, for step 2 of the 4-step
+   training, a separate proposal network).
+3. Targets: `rpn.batch_targets` (anchors), `fast_rcnn.sample_batch` (RoIs).
+4. Loss: `rpn_loss_terms` (`loss/rpn_objectness`, `loss/rpn_box`, `rpn/...`) and Fast
+   R-CNN's `fast_rcnn.second_stage_loss` (`loss/cls`, `loss/box`, `fast_rcnn/...`), in
+   `make_loss`.
+5. Post-processing: `make_inference`: conv / proposals / region-wise (Fast R-CNN's
+   `score_boxes` and `postprocess`).
+6. `build_system(config)`: the System. `config.model.stage` picks what the loss trains:
     "joint"          approximate joint training: RPN loss + Fast R-CNN loss in one step, no
                      gradient through the proposal coordinates (stop_gradient);
     "1_rpn"          4-step alternating training, step 1: the RPN (and the conv layers);
@@ -26,25 +36,21 @@ Classes: as Fast R-CNN (background is softmax class 0 internally; detections car
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxdet import checks, global_batch
-from jaxdet import losses
+from jaxdet import checks, losses
 from jaxdet.models import backbones
-from jaxdet.models.settings import merge_settings
 from jaxdet.models import fast_rcnn
-from jaxdet.models import rpn as rpn_lib
-from jaxdet.ops import box_coder
-from jaxdet.ops import boxes as box_ops
-from jaxdet.ops.nms import multiclass_nms
-from jaxdet.system import System
 from jaxdet.models import init_from as init_from_lib
+from jaxdet.models import rpn as rpn_lib
+from jaxdet.system import System
 
 Array = jax.Array
 
@@ -53,41 +59,56 @@ STAGES = ("joint", "1_rpn", "2_fast_rcnn", "3_rpn", "4_fast_rcnn")
 # detector it leaves is the network of its last step.
 ALTERNATING = "alternating"
 
-_FAST_KEYS = ("num_classes", "backbone", "backbone_kw", "pretrained", "init_from", "frozen",
-              "dropout_rate", "sampler", "box_stds", "loss", "svd_ranks", "predict")
-
-MODEL_DEFAULTS: dict[str, Any] = {
-    **{k: fast_rcnn.MODEL_DEFAULTS[k] for k in _FAST_KEYS},
-    "stage": "joint",                     # one of STAGES, or ALTERNATING (all four steps)
-    "alternating_steps": (),              # ALTERNATING: training steps of the 4 steps in
-                                          # order; () = config.train.num_steps each
-    "rpn_channels": 512,                  # the RPN's 3x3 conv (VGG16: 512)
-    "anchor_scales": (128.0, 256.0, 512.0),
-    "anchor_ratios": (0.5, 1.0, 2.0),
-    "rpn_targets": dict(rpn_lib.TARGET_DEFAULTS),
-    "rpn_proposals": {k: dict(v) for k, v in rpn_lib.PROPOSAL_DEFAULTS.items()},
-    "rpn_loss": {"box_weight": 1.0, "beta": 1.0 / 9.0},
-}
-# The second stage trains on 128 RoIs per image in the paper (batch 2 x 128).
-MODEL_DEFAULTS["sampler"] = {**MODEL_DEFAULTS["sampler"], "rois_per_image": 128}
+# ----------------------------------------------------------------------------- settings
 
 
-def model_config(config: Any) -> dict[str, Any]:
-  """config.model over `MODEL_DEFAULTS` (unknown keys raise); top-level num_classes wins."""
-  model = config["model"] if "model" in config else {}
-  cfg = merge_settings(MODEL_DEFAULTS, model, "config.model")
-  if config.get("num_classes") is not None:
-    cfg["num_classes"] = int(config["num_classes"])
-  if cfg["stage"] not in STAGES + (ALTERNATING,):
-    raise ValueError(f"config.model.stage: expected one of {STAGES + (ALTERNATING,)}, "
-                     f"got {cfg['stage']!r}")
-  steps = tuple(cfg["alternating_steps"])
-  if steps and (len(steps) != len(STAGES) - 1 or not all(
-      isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps)):
-    raise ValueError(f"config.model.alternating_steps: expected () or {len(STAGES) - 1} "
-                     f"positive ints (steps of {STAGES[1:]}), got {cfg['alternating_steps']!r}")
-  return cfg
+@dataclasses.dataclass(frozen=True)
+class Sampler(fast_rcnn.Sampler):
+  """Fast R-CNN's RoI sampler; the second stage trains on 128 RoIs per image in the paper
+  (batch 2 x 128)."""
+  rois_per_image: int = 128
 
+
+@dataclasses.dataclass(frozen=True)
+class Loss(fast_rcnn.Loss):
+  """Fast R-CNN's terms and the RPN's (`jaxdet.losses.rpn_loss`)."""
+  TERMS = {**fast_rcnn.Loss.TERMS, "rpn_objectness": "binary", "rpn_box": "box"}
+  rpn_objectness: str = "sigmoid_binary_cross_entropy"
+  rpn_objectness_weight: float = 1.0
+  rpn_box: str = "smooth_l1_rpn"     # beta 1/9: py-faster-rcnn's sigma 3
+  rpn_box_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(fast_rcnn.SecondStage):
+  """Faster R-CNN's settings: Fast R-CNN's second stage, the RPN, and the training stage."""
+  sampler: Sampler = Sampler()
+  loss: Loss = Loss()
+  stage: str = "joint"               # one of STAGES, or ALTERNATING (all four steps)
+  alternating_steps: tuple = ()      # ALTERNATING: training steps of the 4 steps in order;
+                                     # () = config.train.num_steps each
+  rpn_channels: int = 512            # the RPN's 3x3 conv (VGG16: 512)
+  anchor_scales: tuple = (128.0, 256.0, 512.0)
+  anchor_ratios: tuple = (0.5, 1.0, 2.0)
+  rpn_targets: rpn_lib.Targets = rpn_lib.Targets()
+  rpn_proposals: rpn_lib.Proposals = rpn_lib.Proposals()
+
+  def validate(self, where: str) -> None:
+    super().validate(where)
+    if self.stage not in STAGES + (ALTERNATING,):
+      raise ValueError(f"{where}.stage: expected one of {STAGES + (ALTERNATING,)}, "
+                       f"got {self.stage!r}")
+    steps = self.alternating_steps
+    if steps and (len(steps) != len(STAGES) - 1 or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps)):
+      raise ValueError(f"{where}.alternating_steps: expected () or {len(STAGES) - 1} "
+                       f"positive ints (steps of {STAGES[1:]}), got {steps!r}")
+    checks.check_positive(f"{where}.rpn_channels", self.rpn_channels)
+    checks.check_positive(f"{where}.anchor_scales", self.anchor_scales)
+    checks.check_positive(f"{where}.anchor_ratios", self.anchor_ratios)
+
+
+# ----------------------------------------------------------------------------- network
 
 class FasterRCNNNet(fast_rcnn.FastRCNNNet):
   """`FastRCNNNet` (conv, RoI pool, fc, cls_score, bbox_pred) plus the RPN head.
@@ -128,26 +149,45 @@ class FasterRCNNNet(fast_rcnn.FastRCNNNet):
     out = self.rpn(features)
     if self.proposal_conv is not None:
       out = self.proposal_outputs(images, features)
-    pooled = self.pool(features, rois, roi_mask)
-    b, r = rois.shape[:2]
-    logits, deltas = self.head(pooled.reshape(b * r, *pooled.shape[2:]), train)
-    return logits.reshape(b, r, -1), deltas.reshape(b, r, self.num_classes, 4), out
+    return (*self.roi_outputs(features, rois, roi_mask, train), out)
 
 
-def make_network(cfg: Mapping[str, Any], dtype: Any = jnp.float32
+def make_network(s: Settings, dtype: Any = jnp.float32
                  ) -> tuple[FasterRCNNNet, backbones.BackboneParts]:
-  """The network of a resolved model config and its backbone's parts."""
-  kw = dict(cfg.get("backbone_kw", {}))
-  if cfg["backbone"] != "resnet50":
-    kw.setdefault("dropout_rate", float(cfg["dropout_rate"]))
-  parts = backbones.get_backbone(cfg["backbone"], dtype=dtype, **kw)
-  k = len(tuple(cfg["anchor_scales"])) * len(tuple(cfg["anchor_ratios"]))
-  separate = cfg["stage"] == "2_fast_rcnn"
-  net = FasterRCNNNet(parts.conv.clone(), parts.fc.clone(), int(cfg["num_classes"]),
-                      parts.stride, parts.roi_size, dtype=dtype, num_anchors=k,
-                      rpn_channels=int(cfg["rpn_channels"]),
+  """The network of the settings and its backbone's parts."""
+  parts = fast_rcnn.backbone_parts(s, dtype)
+  separate = s.stage == "2_fast_rcnn"
+  net = FasterRCNNNet(parts.conv.clone(), parts.fc.clone(), s.num_classes, parts.stride,
+                      parts.roi_size, dtype=dtype,
+                      num_anchors=len(s.anchor_scales) * len(s.anchor_ratios),
+                      rpn_channels=s.rpn_channels,
                       proposal_conv=parts.conv.clone() if separate else None)
   return net, parts
+
+
+def anchors_of(s: Settings, stride: int, features: Array) -> Array:
+  """The anchors f32[fh * fw * k, 4] of a feature map f[B, fh, fw, C'] (static shape)."""
+  return rpn_lib.rpn_anchors(tuple(features.shape[1:3]), stride,
+                             tuple(float(a) for a in s.anchor_scales),
+                             tuple(float(a) for a in s.anchor_ratios))
+
+
+def make_init(s: Settings, net: FasterRCNNNet, dtype: Any,
+              init_params: Mapping[str, Any] | None) -> Callable:
+  """System.init: fresh parameters, the backbone's loaded weights (also as the separate
+  proposal network's start), then every top-level group of `init_params`."""
+  initializer = fast_rcnn.make_initializer(net, dtype)
+
+  def init(rng, batch):
+    variables = fast_rcnn.load_backbone_weights(initializer(rng, batch["image"]), s)
+    params = dict(variables["params"])
+    if (s.pretrained or s.init_from) and "proposal_conv" in params:
+      params["proposal_conv"] = params["conv"]
+    for key, value in (init_params or {}).items():
+      if key in params:
+        params[key] = jax.tree.map(jnp.asarray, value)
+    return {**variables, "params": params}
+  return init
 
 
 # Which top-level parameter groups each stage trains (the rest stay at their values).
@@ -173,97 +213,50 @@ def _param_labels(stage: str, frozen_conv: tuple[str, ...]):
   return labels
 
 
-def _settings(cfg: Mapping[str, Any], mode: str) -> dict[str, Any]:
-  return rpn_lib.proposal_settings({"proposals": cfg["rpn_proposals"]}, mode)
+# ----------------------------------------------------------------------------- loss
 
 
-def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -> System:
-  """The Faster R-CNN System from an experiment config.
+def rpn_loss_terms(s: Settings, logits: Array, deltas: Array, anchors: Array,
+                   targets: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+  """The RPN's terms `loss/rpn_objectness` and `loss/rpn_box` (`jaxdet.losses.rpn_loss` with
+  the settings' terms and weights) on the sampled anchors of `rpn.batch_targets`."""
+  return losses.rpn_loss(
+      logits, deltas, targets, targets["sampled"], anchors=anchors,
+      weights=rpn_lib.RPN_WEIGHTS,
+      objectness_term=s.loss.fn("rpn_objectness"),
+      objectness_weight=s.loss.weight("rpn_objectness"),
+      box_term=s.loss.fn("rpn_box"), box_weight=s.loss.weight("rpn_box"))
 
-  Reads `config.model` (keys and defaults: `MODEL_DEFAULTS`) and `config.compute_dtype`.
 
-  Args:
-    config: the experiment config.
-    init_params: parameters to start from (a previous stage of the 4-step training): every
-      top-level group present here replaces the freshly initialised one.
-  Returns:
-    the System; extras: "network", "backbone", "model_config", "anchors" (features ->
-    f32[A, 4]), "proposals" (variables, batch -> rpn proposals dict, test settings),
-    "conv" / "propose" / "detect" (the three parts of `predict`, for timing), "stage".
-  """
-  cfg = model_config(config)
-  if cfg["stage"] == ALTERNATING:
-    raise ValueError(f"config.model.stage: {ALTERNATING!r} names the 4-step schedule "
-                     f"(jaxdet.train.alternating), not one network; build one "
-                     f"of {STAGES}")
-  dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  net, parts = make_network(cfg, dtype)
-  c, stage = int(cfg["num_classes"]), cfg["stage"]
-  checks.check_positive("config.model.num_classes", c)
-  smp, loss_cfg, pred_cfg = cfg["sampler"], cfg["loss"], cfg["predict"]
-  stds = tuple(float(s) for s in cfg["box_stds"])
-  losses.resolve_loss(loss_cfg["box_loss"], losses.BOX_DELTA_LOSSES)
-  sampler = functools.partial(
-      fast_rcnn.sample_rois, rois_per_image=int(smp["rois_per_image"]),
-      fg_fraction=float(smp["fg_fraction"]), fg_iou=float(smp["fg_iou"]),
-      bg_iou_high=float(smp["bg_iou_high"]), bg_iou_low=float(smp["bg_iou_low"]),
-      add_gt=bool(smp["add_gt"]), stds=stds)
-  rpn_m = {"anchor_scales": cfg["anchor_scales"], "anchor_ratios": cfg["anchor_ratios"],
-           "targets": cfg["rpn_targets"]}
-  train_props, test_props = _settings(cfg, "train"), _settings(cfg, "test")
-  rpn_loss_cfg = {"box_weight": float(cfg["rpn_loss"]["box_weight"]),
-                  "beta": float(cfg["rpn_loss"]["beta"])}
-  use_rpn_loss = stage in ("joint", "1_rpn", "3_rpn")
-  use_det_loss = stage in ("joint", "2_fast_rcnn", "4_fast_rcnn")
-
-  def anchors_of(features):
-    return rpn_lib.feature_anchors(features, parts.stride, rpn_m)
-
-  _init = fast_rcnn.make_initializer(net, dtype)
-
-  def init(rng, batch):
-    variables = fast_rcnn.load_backbone_weights(_init(rng, batch["image"]), cfg)
-    params = dict(variables["params"])
-    if (cfg["pretrained"] or cfg["init_from"]) and "proposal_conv" in params:
-      params["proposal_conv"] = params["conv"]
-    if init_params is not None:
-      for key, value in init_params.items():
-        if key in params:
-          params[key] = jax.tree.map(jnp.asarray, value)
-    return {**variables, "params": params}
+def make_loss(s: Settings, net: FasterRCNNNet, stride: int, dtype: Any) -> Callable:
+  """System.loss of the stage: the RPN's terms (stages joint, 1_rpn, 3_rpn) and/or Fast
+  R-CNN's on RoIs sampled from the proposals (joint, 2_fast_rcnn, 4_fast_rcnn), with no
+  gradient through the proposal coordinates."""
+  sampler = fast_rcnn.roi_sampler(s)
+  train_props = s.rpn_proposals.train.kwargs()
+  use_rpn = s.stage in ("joint", "1_rpn", "3_rpn")
+  use_det = s.stage in ("joint", "2_fast_rcnn", "4_fast_rcnn")
 
   def forward(module, x, batch, key, train):
     """The training forward pass inside one apply: RPN, proposals, RoI sampling, heads."""
     features = module.features(x, train)
-    b = x.shape[0]
     key_rpn, key_roi = jax.random.split(key)
     value, metrics = jnp.zeros((), jnp.float32), {}
-    anchors = anchors_of(features)
-    if use_rpn_loss:
+    anchors = anchors_of(s, stride, features)
+    if use_rpn:
       logits, deltas = module.rpn_outputs(features)
-      t = rpn_lib.rpn_targets(key_rpn, anchors, batch, rpn_m)
-      value, metrics = losses.rpn_loss(logits, deltas, t, t["sampled"], **rpn_loss_cfg)
-    if use_det_loss:
+      targets = rpn_lib.batch_targets(key_rpn, anchors, batch, s.rpn_targets)
+      value, metrics = rpn_loss_terms(s, logits, deltas, anchors, targets)
+    if use_det:
       p_logits, p_deltas = module.proposal_outputs(x, features)
       props = rpn_lib.propose_batch(jax.lax.stop_gradient(p_logits),
                                     jax.lax.stop_gradient(p_deltas), anchors,
                                     batch["image_size"], **train_props)
-      keys = global_batch.example_keys(key_roi, b)
-      s = jax.vmap(sampler)(keys, props["boxes"], props["valid"], batch["boxes"],
-                            batch["labels"], batch["box_mask"])
-      pooled = module.pool(features, s["rois"], s["valid"])
-      r = s["rois"].shape[1]
-      cls_logits, box_deltas = module.head(pooled.reshape(b * r, *pooled.shape[2:]), train)
-      flat = lambda a: a.reshape(b * r, *a.shape[2:])   # noqa: E731
-      det, det_metrics = losses.fast_rcnn_loss(
-          cls_logits, box_deltas, flat(s["labels"]), flat(s["targets"]), flat(s["valid"]),
-          rois=flat(s["rois"]), stds=stds, box_loss=loss_cfg["box_loss"],
-          box_weight=float(loss_cfg["box_weight"]))
-      det_metrics["fast_rcnn/fg_iou"] = losses.masked_mean(s["iou"],
-                                                           s["valid"] & (s["labels"] > 0))
+      samples = fast_rcnn.sample_batch(sampler, key_roi, props["boxes"], props["valid"], batch)
+      logits, deltas = module.roi_outputs(features, samples["rois"], samples["valid"], train)
+      det, det_metrics = fast_rcnn.second_stage_loss(logits, deltas, samples, s)
       det_metrics["rpn/proposals"] = jnp.mean(jnp.sum(props["valid"], 1).astype(jnp.float32))
-      value = value + det
-      metrics = {**metrics, **det_metrics}
+      value, metrics = value + det, {**metrics, **det_metrics}
     return value, metrics
 
   def loss(variables, batch, rng):
@@ -274,8 +267,44 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
         variables, x, batch, key, rngs={"dropout": drop})
     (value, metrics), new_state = out if mutable else (out, {})
     return value, metrics, dict(new_state)
+  return loss
 
-  # --- inference, in three parts (conv / proposals / region-wise), and as one -----------------
+
+# ----------------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """Faster R-CNN's parts for experiments and tools (`System.extras`); `predict` is
+  detect(conv, propose(conv)).
+
+  Attributes:
+    settings: the merged `Settings`.
+    network: the `FasterRCNNNet`; backbone: its `BackboneParts`.
+    anchors: features f[B, fh, fw, C'] -> f32[A, 4].
+    conv: (variables, batch) -> features (normalisation and the backbone's conv layers).
+    propose: (variables, features, image_size) -> the RPN's proposals {"boxes", "scores",
+      "valid"} with the test settings.
+    detect: (variables, features, proposals, image_size) -> detections (the region-wise
+      part: RoI pooling, fc, heads, decoding, per-class NMS).
+    proposals: (variables, batch) -> propose(conv(batch)).
+  """
+  settings: Settings
+  network: FasterRCNNNet
+  backbone: backbones.BackboneParts
+  anchors: Callable
+  conv: Callable
+  propose: Callable
+  detect: Callable
+  proposals: Callable
+
+
+def make_inference(s: Settings, net: FasterRCNNNet, parts: backbones.BackboneParts,
+                   dtype: Any) -> Extras:
+  """The inference parts (conv / proposals / region-wise), as `Extras`."""
+  test_props = s.rpn_proposals.test.kwargs()
+  anchors = functools.partial(anchors_of, s, parts.stride)
+  head = fast_rcnn.make_head(net, parts, dtype)
 
   def conv(variables, batch):
     x = backbones.normalize_images(batch["image"], dtype)
@@ -283,40 +312,52 @@ def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -
 
   def propose(variables, features, image_size):
     logits, deltas = net.apply(variables, features, method=FasterRCNNNet.rpn_outputs)
-    return rpn_lib.propose_batch(logits, deltas, anchors_of(features), image_size,
-                                 **test_props)
+    return rpn_lib.propose_batch(logits, deltas, anchors(features), image_size, **test_props)
 
   def detect(variables, features, props, image_size):
     b, p = props["boxes"].shape[:2]
     pooled = net.apply(variables, features, props["boxes"], props["valid"],
                        method=FasterRCNNNet.pool)
-    logits, deltas = net.apply(variables, pooled.reshape(b * p, *pooled.shape[2:]),
-                               method=FasterRCNNNet.head)
-    scores = jax.nn.softmax(logits, axis=-1).reshape(b, p, c + 1)
-    boxes = box_coder.decode_boxes(deltas.reshape(b, p, c, 4), props["boxes"][:, :, None, :],
-                                   stds=stds)                                 # [B, P, C, 4]
-    size = image_size.astype(jnp.float32)
-    boxes = jax.vmap(box_ops.clip_boxes)(boxes, size[:, 0], size[:, 1])
-    post = functools.partial(
-        multiclass_nms, iou_threshold=float(pred_cfg["iou_threshold"]),
-        max_output=int(pred_cfg["max_detections"]),
-        score_threshold=float(pred_cfg["score_threshold"]),
-        pre_nms_topk=int(pred_cfg["pre_nms_topk"]) or None)
-    return jax.vmap(lambda bx, sc, m: post(bx, sc[:, 1:], mask=m))(boxes, scores,
-                                                                    props["valid"])
+    logits, deltas = head(variables, pooled.reshape(b * p, *pooled.shape[2:]))
+    scores, boxes = fast_rcnn.score_boxes(logits, deltas, props["boxes"], image_size, s.stds)
+    return fast_rcnn.postprocess(scores, boxes, props["valid"], s.predict)
 
   def proposals(variables, batch):
     return propose(variables, conv(variables, batch), batch["image_size"])
 
-  def predict(variables, batch):
-    features = conv(variables, batch)
-    props = propose(variables, features, batch["image_size"])
-    return detect(variables, features, props, batch["image_size"])
+  return Extras(settings=s, network=net, backbone=parts, anchors=anchors, conv=conv,
+                propose=propose, detect=detect, proposals=proposals)
 
-  init_from_lib.check_frozen_loaded(cfg["frozen"], pretrained=cfg["pretrained"],
-                                    init_from=cfg["init_from"])
-  return System(name="faster_rcnn", num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "backbone": parts, "model_config": cfg,
-                        "anchors": anchors_of, "proposals": proposals, "conv": conv,
-                        "propose": propose, "detect": detect, "stage": stage},
-                param_labels=_param_labels(stage, tuple(cfg["frozen"])))
+
+# ----------------------------------------------------------------------------- system
+
+
+def build_system(config: Any, *, init_params: Mapping[str, Any] | None = None) -> System:
+  """The Faster R-CNN System from an experiment config (`config.model`: `Settings`;
+  `config.compute_dtype`).
+
+  Args:
+    config: the experiment config.
+    init_params: parameters to start from (a previous stage of the 4-step training): every
+      top-level group present here replaces the freshly initialised one.
+  Returns:
+    the System, with `Extras`.
+  """
+  s = Settings.from_config(config)
+  if s.stage == ALTERNATING:
+    raise ValueError(f"config.model.stage: {ALTERNATING!r} names the 4-step schedule "
+                     f"(jaxdet.train.alternating), not one network; build one of {STAGES}")
+  init_from_lib.check_frozen_loaded(s.frozen, pretrained=s.pretrained, init_from=s.init_from)
+  dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+  net, parts = make_network(s, dtype)
+  ex = make_inference(s, net, parts, dtype)
+
+  def predict(variables, batch):
+    features = ex.conv(variables, batch)
+    props = ex.propose(variables, features, batch["image_size"])
+    return ex.detect(variables, features, props, batch["image_size"])
+
+  return System(name="faster_rcnn", num_classes=s.num_classes,
+                init=make_init(s, net, dtype, init_params),
+                loss=make_loss(s, net, parts.stride, dtype), predict=predict, extras=ex,
+                param_labels=_param_labels(s.stage, s.frozen))

@@ -14,9 +14,12 @@ logits and 4k box deltas for the k anchors of that cell. Parts:
 * `propose`: the proposal layer of one image: decode, clip to the image, drop tiny boxes, keep the
   best `pre_nms_topk` by objectness, NMS at 0.7, keep the best `post_nms_topk`; fixed-size output
   with a validity mask. `propose_batch` vmaps it.
-* `jaxdet.losses.rpn_loss`: objectness log loss + lambda * smooth L1 on the positives.
-* `feature_anchors`, `rpn_targets`, `proposal_settings`: the same for a batch and a model
-  config, as Faster R-CNN (`jaxdet.models.faster_rcnn`) uses them.
+* `jaxdet.losses.rpn_loss`: objectness term + lambda * box term (on the positives), the terms
+  named by Faster R-CNN's `config.model.loss.rpn_objectness` / `.rpn_box`.
+* Settings sections `Targets` (anchor labelling and sampling) and `ProposalLayer` (one mode of
+  the proposal layer; `TrainProposals` / `TestProposals` carry the paper's defaults of each,
+  `Proposals` holds both), composed into `jaxdet.models.faster_rcnn.Settings`;
+  `batch_targets`: `anchor_targets` of a batch under a `Targets` section.
 
 Objectness is one sigmoid logit per anchor (as torchvision), equivalent to the paper's two-way
 softmax. Box deltas use `jaxdet.ops.box_coder` with the RPN weights (1, 1, 1, 1).
@@ -24,6 +27,7 @@ softmax. Box deltas use `jaxdet.ops.box_coder` with the RPN weights (1, 1, 1, 1)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdet import checks, global_batch
+from jaxdet.models import settings
 from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import box_coder
 from jaxdet.ops import boxes as box_ops
@@ -42,17 +47,67 @@ Array = jax.Array
 
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)   # box coder weights of the RPN deltas
 
-# Training and test settings of the paper (section 3.3 and the py-faster-rcnn configs).
-TARGET_DEFAULTS = {
-    "pos_iou": 0.7, "neg_iou": 0.3, "num_samples": 256, "positive_fraction": 0.5,
-    "allowed_border": 0.0,
-}
-PROPOSAL_DEFAULTS = {
-    "train": {"pre_nms_topk": 12000, "post_nms_topk": 2000, "nms_threshold": 0.7,
-              "min_size": 16.0},
-    "test": {"pre_nms_topk": 6000, "post_nms_topk": 300, "nms_threshold": 0.7,
-             "min_size": 16.0},
-}
+
+# --- settings (the paper's, section 3.3 and the py-faster-rcnn configs) ----------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets(settings.Settings):
+  """Anchor labelling and the balanced minibatch of `anchor_targets`."""
+  pos_iou: float = 0.7
+  neg_iou: float = 0.3
+  num_samples: int = 256
+  positive_fraction: float = 0.5
+  allowed_border: float = 0.0
+
+  def validate(self, where: str) -> None:
+    if not 0.0 <= self.neg_iou <= self.pos_iou <= 1.0:
+      raise ValueError(f"{where}: expected 0 <= neg_iou <= pos_iou <= 1, got neg_iou "
+                       f"{self.neg_iou}, pos_iou {self.pos_iou}")
+    checks.check_positive(f"{where}.num_samples", self.num_samples)
+    if not 0.0 <= self.positive_fraction <= 1.0:
+      raise ValueError(f"{where}.positive_fraction: expected a value in [0, 1], got "
+                       f"{self.positive_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalLayer(settings.Settings):
+  """One mode of the proposal layer (`propose`'s keyword arguments); defaults: training's."""
+  pre_nms_topk: int = 12000
+  post_nms_topk: int = 2000
+  nms_threshold: float = 0.7
+  min_size: float = 16.0
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk)
+    checks.check_positive(f"{where}.post_nms_topk", self.post_nms_topk)
+    checks.check_positive(f"{where}.min_size", self.min_size, allow_zero=True)
+    if not 0.0 <= self.nms_threshold <= 1.0:
+      raise ValueError(f"{where}.nms_threshold: expected a value in [0, 1], got "
+                       f"{self.nms_threshold}")
+
+  def kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of `propose` / `propose_batch`."""
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProposals(ProposalLayer):
+  """The proposal layer in training (paper: 12000 -> NMS 0.7 -> 2000)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestProposals(ProposalLayer):
+  """The proposal layer at test time (paper: 6000 -> NMS 0.7 -> 300)."""
+  pre_nms_topk: int = 6000
+  post_nms_topk: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposals(settings.Settings):
+  """The proposal layer's two modes."""
+  train: TrainProposals = TrainProposals()
+  test: TestProposals = TestProposals()
 
 
 # --- network --------------------------------------------------------------------------------
@@ -216,29 +271,16 @@ def propose_batch(logits: Array, deltas: Array, anchors: Array, image_size: Arra
   return jax.vmap(fn, in_axes=(0, 0, None, 0))(logits, deltas, anchors, image_size)
 
 
-# --- a batch and a model config (as Faster R-CNN uses them) ---------------------------------
+# --- a batch -------------------------------------------------------------------------------
 
 
-def feature_anchors(features: Array, stride: int, m: dict[str, Any]) -> Array:
-  """The anchors f32[fh * fw * k, 4] of a feature map f[B, fh, fw, C] (static shape)."""
-  return rpn_anchors(tuple(features.shape[1:3]), stride, tuple(m["anchor_scales"]),
-                     tuple(m["anchor_ratios"]))
-
-
-def rpn_targets(key: Array, anchors: Array, batch: Any, m: dict[str, Any]) -> dict[str, Array]:
-  """`anchor_targets` of a batch (one key per image): every entry gains a leading B axis."""
-  t = m["targets"]
-  fn = functools.partial(anchor_targets, pos_iou=t["pos_iou"], neg_iou=t["neg_iou"],
-                         num_samples=int(t["num_samples"]),
-                         positive_fraction=t["positive_fraction"],
-                         allowed_border=t["allowed_border"])
+def batch_targets(key: Array, anchors: Array, batch: Any, targets: Targets) -> dict[str, Array]:
+  """`anchor_targets` of a batch (one key per image, by its global index): every entry gains a
+  leading B axis."""
+  fn = functools.partial(anchor_targets, pos_iou=targets.pos_iou, neg_iou=targets.neg_iou,
+                         num_samples=targets.num_samples,
+                         positive_fraction=targets.positive_fraction,
+                         allowed_border=targets.allowed_border)
   keys = global_batch.example_keys(key, batch["boxes"].shape[0])
   return jax.vmap(fn, in_axes=(0, None, 0, 0, 0))(keys, anchors, batch["boxes"],
                                                    batch["box_mask"], batch["image_size"])
-
-
-def proposal_settings(m: dict[str, Any], mode: str) -> dict[str, Any]:
-  """The `propose` keyword arguments for mode "train" or "test"."""
-  p = m["proposals"][mode]
-  return {"pre_nms_topk": int(p["pre_nms_topk"]), "post_nms_topk": int(p["post_nms_topk"]),
-          "nms_threshold": float(p["nms_threshold"]), "min_size": float(p["min_size"])}

@@ -54,7 +54,7 @@ def step_config(config: Any, stage: str, num_steps: int | None = None) -> Any:
 def detector_run(config: Any, workdir: str) -> tuple[Any, str]:
   """(config, workdir) of the detector a training run of `config` in `workdir` leaves: for
   ALTERNATING its last step's (`step_config`, workdir/<step>), else the two unchanged."""
-  if faster_rcnn.model_config(config)["stage"] != ALTERNATING:
+  if faster_rcnn.Settings.from_config(config).stage != ALTERNATING:
     return config, workdir
   return step_config(config, STAGES[-1]), os.path.join(workdir, STAGES[-1])
 
@@ -92,7 +92,7 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
                      f"time, got {config.train.num_seeds!r}; set --config.train.num_seeds=1 "
                      f"and run one process per --config.seed")
   if steps is None:
-    steps = dict(zip(STAGES[1:], faster_rcnn.model_config(config)["alternating_steps"]))
+    steps = dict(zip(STAGES[1:], faster_rcnn.Settings.from_config(config).alternating_steps))
   done: dict[str, Any] = {}
   results: dict[str, Any] = {}
   for stage in STAGES[1:]:

@@ -99,7 +99,7 @@ def test_fast_rcnn_and_rpn_losses_nan_under_false_mask(rng):
   for box_loss in ("smooth_l1", "giou"):
     def loss(lg, dl, m, lb, tg, ro):
       return losses.fast_rcnn_loss(lg, dl, lb, tg, m, rois=ro, stds=(0.1, 0.1, 0.2, 0.2),
-                                   box_loss=box_loss)[0]
+                                   box_term=losses.TERMS["box"][box_loss])[0]
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
         logits, deltas, mask, labels, targets, rois)
     want, want_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
@@ -114,7 +114,8 @@ def test_fast_rcnn_and_rpn_losses_nan_under_false_mask(rng):
   rpn_logits, rpn_deltas = logits[None, :, 0].copy(), deltas[None, :, 0].copy()
   rpn_targets = {"objectness": np.where(mask[None], obj, NAN), "box": targets[None]}
   def rpn(lg, dl, m, tg):
-    return losses.rpn_loss(lg, dl, tg, m)[0]
+    anchors = jnp.tile(jnp.asarray([[0.0, 0.0, 8.0, 8.0]]), (lg.shape[1], 1))
+    return losses.rpn_loss(lg, dl, tg, m, anchors=anchors)[0]
   value, grads = jax.jit(jax.value_and_grad(rpn, argnums=(0, 1)))(
       rpn_logits, rpn_deltas, mask[None], rpn_targets)
   sliced = {k: v[:, keep] for k, v in rpn_targets.items()}

@@ -129,9 +129,9 @@ def test_one_train_step_degenerate_inputs_frozen_layers_and_loss_swap(rng, tmp_p
       import jax.numpy as jnp
       CALLS = []
 
-      def half_l2(pred_deltas, target_deltas, mask, *, rois, stds):
-        CALLS.append(pred_deltas.shape)
-        return jnp.where(mask, 0.5 * jnp.sum((pred_deltas - target_deltas) ** 2, -1), 0.0)
+      def half_l2(predictions, targets, mask, *, decode):
+        CALLS.append(predictions.shape)
+        return jnp.where(mask, 0.5 * jnp.sum((predictions - targets) ** 2, -1), 0.0)
   """))
   monkeypatch.syspath_prepend(str(tmp_path))
   batch = _batch(rng)
@@ -143,7 +143,7 @@ def test_one_train_step_degenerate_inputs_frozen_layers_and_loss_swap(rng, tmp_p
   source = fast_rcnn.build_system(_config()).init(jax.random.key(5), batch)["params"]
   monkeypatch.setattr(init_from, "read_params", lambda workdir, step=None: (source, {}))
   config = _config(frozen=("conv1",), init_from="RUN",
-                   loss={"box_loss": "myfrcn.losses:half_l2", "box_weight": 1.0})
+                   loss={"box": "myfrcn.losses:half_l2", "box_weight": 1.0})
   system, _, st, new, metrics = _one_step(config, batch)
   import myfrcn.losses
   assert myfrcn.losses.CALLS, "the configured box loss was not used"
@@ -164,10 +164,12 @@ def test_one_train_step_degenerate_inputs_frozen_layers_and_loss_swap(rng, tmp_p
   np.testing.assert_allclose(float(m2["loss/box"]), float(metrics["loss/box"]), rtol=1e-5)
   with pytest.raises(ValueError, match="unknown conv layers"):
     fast_rcnn.build_system(_config(frozen=("conv9",), init_from="RUN")).param_labels(st.params)
-  with pytest.raises(ValueError, match="unknown name"):
-    fast_rcnn.build_system(_config(loss={"box_loss": "huber"}))
-  with pytest.raises(ValueError, match="unknown keys"):
+  with pytest.raises(ValueError, match=r"config.model.sampler: unknown keys \['rois'\]"):
     fast_rcnn.build_system(_config(sampler={"rois": 3}))
+  with pytest.raises(ValueError, match="config.model.proposals: expected 'batch' or 'grid'"):
+    fast_rcnn.build_system(_config(proposals="ss"))
+  with pytest.raises(ValueError, match="config.model.sampler: expected 0 <= bg_iou_low"):
+    fast_rcnn.build_system(_config(sampler={"bg_iou_low": 0.6}))
 
 
 # --- inference: masked vs sliced proposals, SVD, multi-scale ------------------------------------
@@ -189,7 +191,7 @@ def trained_like():
 
 def test_masked_proposals_equal_sliced(trained_like):
   system, variables, batch = trained_like
-  score = jax.jit(system.extras["score_proposals"])
+  score = jax.jit(system.extras.score_proposals)
   m = np.asarray(batch["proposal_mask"][0])
   s_full, b_full, _ = score(variables, batch)
   sliced = {**batch, "proposals": batch["proposals"][:, m],
@@ -213,12 +215,12 @@ def test_masked_proposals_equal_sliced(trained_like):
 
 def test_truncated_svd_approximates_fc_and_is_exact_at_full_rank(trained_like, rng):
   system, variables, batch = trained_like
-  net = system.extras["network"]
+  net = system.extras.network
   fc = variables["params"]["fc"]
   pooled = jnp.asarray(rng.normal(size=(20, 3, 3, 16)), jnp.float32)
   want = net.apply(variables, pooled, method=type(net).head)       # the module's fc + heads
   full = fast_rcnn.truncated_svd(variables, (32, 24))               # min(in, out) for both
-  got = system.extras["head"](full, pooled)
+  got = system.extras.head(full, pooled)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   # Rank t: u @ v is the best rank-t approximation of the kernel (Eckart-Young, float64 SVD).
@@ -239,8 +241,8 @@ def test_truncated_svd_approximates_fc_and_is_exact_at_full_rank(trained_like, r
       for r in ((2, 2), (8, 8), (32, 24))]
   assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-5
   # score_proposals (and so predict) runs factored params through the same `head`.
-  s_svd, _, _ = system.extras["score_proposals"](full, batch)
-  s_ref, _, _ = system.extras["score_proposals"](variables, batch)
+  s_svd, _, _ = system.extras.score_proposals(full, batch)
+  s_ref, _, _ = system.extras.score_proposals(variables, batch)
   np.testing.assert_allclose(np.asarray(s_svd), np.asarray(s_ref), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="rank 99 of fc6"):
     fast_rcnn.truncated_svd(variables, (99,))
@@ -249,12 +251,12 @@ def test_truncated_svd_approximates_fc_and_is_exact_at_full_rank(trained_like, r
 def test_multiscale_reduces_to_single_scale_when_every_roi_picks_scale_one(trained_like):
   system, variables, batch = trained_like
   ms = fast_rcnn.build_system(_config(test_scales=(1.0, 1.5), ms_target_size=0.0))
-  s1, b1, _ = system.extras["score_proposals"](variables, batch)
-  s2, b2, _ = ms.extras["score_proposals"](variables, batch)
+  s1, b1, _ = system.extras.score_proposals(variables, batch)
+  s2, b2, _ = ms.extras.score_proposals(variables, batch)
   np.testing.assert_allclose(np.asarray(s2), np.asarray(s1), rtol=1e-5, atol=1e-6)
   # A huge target sends every RoI to the 1.5x level: results change.
   big = fast_rcnn.build_system(_config(test_scales=(1.0, 1.5), ms_target_size=1e6))
-  s3, _, _ = big.extras["score_proposals"](variables, batch)
+  s3, _, _ = big.extras.score_proposals(variables, batch)
   assert np.abs(np.asarray(s3) - np.asarray(s1)).max() > 1e-4
 
 
@@ -270,3 +272,46 @@ def test_grid_proposals_cover_the_image_and_respect_image_size():
     fast_rcnn.build_system(_config()).loss(
         {}, {"image": jnp.zeros((1, 32, 32, 3), jnp.uint8),
              "image_size": jnp.full((1, 2), 32)}, jax.random.key(0))
+
+
+# --- loss terms by config ---------------------------------------------------------------------
+
+# term -> the user-style term of tests/custom_terms.py that is twice its default.
+DOUBLED = {"cls": "custom_terms:doubled_class", "box": "custom_terms:doubled_box"}
+
+
+@pytest.fixture(scope="module")
+def default_loss():
+  """The default system's loss on one batch: (batch, variables, key, total, metrics)."""
+  batch = _batch(np.random.default_rng(1), b=2, p=24)
+  system = fast_rcnn.build_system(_config())
+  variables = system.init(jax.random.key(0), batch)
+  key = jax.random.key(3)
+  total, metrics, _ = jax.jit(system.loss)(variables, batch, key)
+  return batch, variables, key, total, metrics
+
+
+@pytest.mark.parametrize("term", sorted(DOUBLED))
+def test_a_term_given_by_dotted_path_is_the_one_trained_with(default_loss, term):
+  import custom_terms
+  batch, variables, key, want_total, want = default_loss
+  name = DOUBLED[term].split(":")[1]
+  calls = custom_terms.CALLS.get(name, 0)
+  system = fast_rcnn.build_system(_config(loss={term: DOUBLED[term]}))
+  total, got, _ = jax.jit(system.loss)(variables, batch, key)
+  assert custom_terms.CALLS[name] > calls
+  assert float(want[f"loss/{term}"]) > 0
+  np.testing.assert_allclose(float(got[f"loss/{term}"]), 2 * float(want[f"loss/{term}"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(total) - float(want_total), float(want[f"loss/{term}"]),
+                             rtol=1e-4, atol=1e-6 * float(want_total))
+  np.testing.assert_allclose(float(total), float(got["loss/cls"] + got["loss/box"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("term", sorted(DOUBLED))
+@pytest.mark.parametrize("spec,error", [("no_such_loss", "unknown"),
+                                        ("custom_terms:no_such_fn", "no function"),
+                                        ("no_such_pkg.mod:fn", "cannot import")])
+def test_an_unknown_term_fails_at_build_naming_the_key(term, spec, error):
+  with pytest.raises(ValueError, match=rf"config\.model\.loss\.{term}: .*{error}"):
+    fast_rcnn.build_system(_config(loss={term: spec}))

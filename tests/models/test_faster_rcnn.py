@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxdet.models import faster_rcnn
+from jaxdet.models import fast_rcnn, faster_rcnn
 from jaxdet.train import alternating, optim, state as state_lib, step as step_lib
 
 SMALL = {
@@ -114,18 +114,38 @@ def test_config_errors_name_the_key():
     faster_rcnn.build_system(_config(stage="5_rpn"))
   with pytest.raises(ValueError, match="rpn_chanels"):
     faster_rcnn.build_system(_config(rpn_chanels=3))
+  with pytest.raises(ValueError, match=r"config.model.rpn_targets: expected 0 <= neg_iou"):
+    faster_rcnn.build_system(_config(rpn_targets={"neg_iou": 0.8}))
+  with pytest.raises(TypeError, match=r"config.model.rpn_proposals.test.post_nms_topk"):
+    faster_rcnn.build_system(_config(rpn_proposals={"test": {"post_nms_topk": 2.5}}))
+
+
+def test_settings_compose_the_fast_rcnn_sections_with_their_own_defaults():
+  s = faster_rcnn.Settings.from_config(_config(sampler={"fg_fraction": 0.5},
+                                               rpn_proposals={"test": {"min_size": 1.0}}))
+  assert isinstance(s.sampler, fast_rcnn.Sampler) and isinstance(s.predict, fast_rcnn.Predict)
+  assert isinstance(s.loss, fast_rcnn.Loss)
+  # Faster R-CNN's sampler keeps its 128 RoIs when another key is given (paper: 2 x 128) ...
+  assert faster_rcnn.Settings.from_config({"model": {"sampler": {"fg_fraction": 0.5}}}
+                                          ).sampler.rois_per_image == 128
+  assert s.sampler.fg_fraction == 0.5 and s.sampler.rois_per_image == 128
+  # ... and the test proposal layer its own (6000 -> 300).
+  t = faster_rcnn.Settings.from_config({"model": {"rpn_proposals": {"test": {"min_size": 1.0}}}})
+  assert (t.rpn_proposals.test.pre_nms_topk, t.rpn_proposals.test.post_nms_topk,
+          t.rpn_proposals.train.post_nms_topk) == (6000, 300, 2000)
 
 
 def test_alternating_schedule_config():
   # "alternating" names the 4-step schedule: it is valid config, not a network.
-  cfg = faster_rcnn.model_config(_config(stage="alternating", alternating_steps=(4, 3, 2, 1)))
-  assert cfg["alternating_steps"] == (4, 3, 2, 1)
+  cfg = faster_rcnn.Settings.from_config(_config(stage="alternating",
+                                                 alternating_steps=(4, 3, 2, 1)))
+  assert cfg.alternating_steps == (4, 3, 2, 1)
   with pytest.raises(ValueError, match="alternating.*not one network"):
     faster_rcnn.build_system(_config(stage="alternating"))
   with pytest.raises(ValueError, match="alternating_steps.*got \\(4, 3\\)"):
-    faster_rcnn.model_config(_config(alternating_steps=(4, 3)))
+    faster_rcnn.Settings.from_config(_config(alternating_steps=(4, 3)))
   with pytest.raises(ValueError, match="alternating_steps"):
-    faster_rcnn.model_config(_config(alternating_steps=(4, 3, 0, 1)))
+    faster_rcnn.Settings.from_config(_config(alternating_steps=(4, 3, 0, 1)))
   import ml_collections
   config = ml_collections.ConfigDict(_config(stage="alternating", alternating_steps=(4, 3, 2, 1)))
   final, workdir = alternating.detector_run(config, "/w")
@@ -178,3 +198,70 @@ def test_train_alternating_runs_each_step_for_its_steps(monkeypatch, tmp_path, r
   again = alternating.train_alternating(config, str(tmp_path), make_loader=loader)
   assert len(trained) == 4 and restored == list(faster_rcnn.STAGES[1:])
   assert again == results
+
+
+# --- loss terms by config ---------------------------------------------------------------------
+
+# term -> the user-style term of tests/custom_terms.py that is twice its default.
+DOUBLED = {"cls": "custom_terms:doubled_class", "box": "custom_terms:doubled_box",
+           "rpn_objectness": "custom_terms:doubled_binary",
+           "rpn_box": "custom_terms:doubled_box"}
+# rpn_box's default is smooth L1 with beta 1/9, doubled_box is twice beta 1: compared with the
+# system trained with "smooth_l1" there.
+BUILT_IN = {"rpn_box": "smooth_l1"}
+
+
+@pytest.fixture(scope="module")
+def joint_batch():
+  """A batch, variables with heads far from their (near-zero) initialisation, a key."""
+  rng = np.random.default_rng(1)
+  batch = _batch(rng, [2, 1])
+  system = faster_rcnn.build_system(_config())
+  variables = system.init(jax.random.PRNGKey(0), batch)
+  flat = traverse_util.flatten_dict(variables["params"])
+  for k in flat:
+    if k[0] in ("bbox_pred", "rpn") and k[-1] == "kernel":
+      flat[k] = jnp.asarray(rng.normal(0, 0.3, flat[k].shape), jnp.float32)
+  variables = {**variables, "params": traverse_util.unflatten_dict(flat)}
+  key = jax.random.PRNGKey(3)
+  cache = {}
+
+  def built_in(term):
+    """(total, metrics) of the system trained with the built-in `term` doubles (one compile
+    for all the terms whose built-in is the default)."""
+    loss = {term: BUILT_IN[term]} if term in BUILT_IN else {}
+    name = str(sorted(loss.items()))
+    if name not in cache:
+      cache[name] = jax.jit(faster_rcnn.build_system(_config(loss=loss)).loss)(
+          variables, batch, key)[:2]
+    return cache[name]
+  return batch, variables, key, built_in
+
+
+@pytest.mark.parametrize("term", sorted(DOUBLED))
+def test_a_term_given_by_dotted_path_is_the_one_trained_with(joint_batch, term):
+  import custom_terms
+  batch, variables, key, built_in = joint_batch
+  want_total, want = built_in(term)
+  name = DOUBLED[term].split(":")[1]
+  calls = custom_terms.CALLS.get(name, 0)
+  system = faster_rcnn.build_system(_config(loss={term: DOUBLED[term]}))
+  total, got, _ = jax.jit(system.loss)(variables, batch, key)
+  assert custom_terms.CALLS[name] > calls
+  assert float(want[f"loss/{term}"]) > 0
+  np.testing.assert_allclose(float(got[f"loss/{term}"]), 2 * float(want[f"loss/{term}"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(total) - float(want_total), float(want[f"loss/{term}"]),
+                             rtol=1e-4, atol=1e-6 * float(want_total))
+  terms = sum(float(got[f"loss/{t}"]) for t in DOUBLED)
+  np.testing.assert_allclose(float(total), terms, rtol=1e-6)
+
+
+@pytest.mark.parametrize("term", sorted(DOUBLED))
+@pytest.mark.parametrize("spec,error", [("no_such_loss", "unknown"),
+                                        ("custom_terms:no_such_fn", "no function")])
+def test_an_unknown_term_fails_at_build_naming_the_key(term, spec, error):
+  with pytest.raises(ValueError, match=rf"config\.model\.loss\.{term}: .*{error}"):
+    faster_rcnn.build_system(_config(loss={term: spec}))
+  with pytest.raises(ValueError, match=rf"config\.model\.loss\.{term}_weight"):
+    faster_rcnn.build_system(_config(loss={f"{term}_weight": -1.0}))

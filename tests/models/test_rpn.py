@@ -200,6 +200,8 @@ def _reference_rpn_loss(logits, deltas, obj, box, sampled, beta, weight):
 
 
 def test_rpn_loss_matches_reference_and_has_finite_gradients(rng):
+  """The default terms (sigmoid binary cross-entropy, smooth L1 with beta 1/9) are the RPN loss
+  as it was before its terms became configurable: the float64 reference."""
   b, n = 2, 50
   logits = rng.normal(size=(b, n)).astype(np.float32) * 3
   deltas = rng.normal(size=(b, n, 4)).astype(np.float32)
@@ -207,8 +209,9 @@ def test_rpn_loss_matches_reference_and_has_finite_gradients(rng):
   sampled = rng.random((b, n)) < 0.5
   obj = ((rng.random((b, n)) < 0.3) & sampled).astype(np.float32)
   targets = {"objectness": jnp.asarray(obj), "box": jnp.asarray(box)}
+  anchors = jnp.tile(jnp.asarray([[0.0, 0.0, 16.0, 16.0]]), (n, 1))
   loss, metrics = losses.rpn_loss(jnp.asarray(logits), jnp.asarray(deltas), targets,
-                                  jnp.asarray(sampled), box_weight=2.0, beta=1 / 9)
+                                  jnp.asarray(sampled), anchors=anchors, box_weight=2.0)
   ref = _reference_rpn_loss(logits.astype(np.float64), deltas.astype(np.float64), obj,
                             box.astype(np.float64), sampled, 1 / 9, 2.0)
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
@@ -216,7 +219,8 @@ def test_rpn_loss_matches_reference_and_has_finite_gradients(rng):
                              float(loss), rtol=1e-6)
   # Nothing sampled, garbage in the unsampled entries: loss 0, gradients finite and zero.
   garbage = {"objectness": jnp.full((b, n), jnp.nan), "box": jnp.full((b, n, 4), jnp.inf)}
-  f = lambda l, d: losses.rpn_loss(l, d, garbage, jnp.zeros((b, n), bool))[0]
+  f = lambda l, d: losses.rpn_loss(l, d, garbage, jnp.zeros((b, n), bool),  # noqa: E731
+                                   anchors=anchors)[0]
   value, grads = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(logits), jnp.asarray(deltas))
   assert float(value) == 0.0
   assert all(np.all(np.asarray(g) == 0) for g in grads)
@@ -231,7 +235,7 @@ def test_targets_with_degenerate_gt_give_finite_loss_gradients():
   n = anchors.shape[0]
 
   def f(logits, deltas):
-    return losses.rpn_loss(logits, deltas, t, t["sampled"])[0]
+    return losses.rpn_loss(logits, deltas, t, t["sampled"], anchors=anchors)[0]
 
   grads = jax.grad(f, argnums=(0, 1))(jnp.zeros((1, n)), jnp.zeros((1, n, 4)))
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
