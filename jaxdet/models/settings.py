@@ -90,12 +90,17 @@ class Settings:
     del where
 
   @classmethod
-  def merge(cls: type[S], given: Any = None, where: str = "config.model") -> S:
+  def merge(cls: type[S], given: Any = None, where: str = "config.model", *,
+            base: S | None = None) -> S:
     """The one merge: `given` (ConfigDict, dict, None or an instance of cls) over the defaults.
 
     Args:
       given: the user's values for some of the fields (nested sections as dicts).
       where: the section's path, for error messages.
+      base: the instance whose values are the defaults (default: the class's); a nested
+        section is merged over the instance its field holds by default, so a field declared
+        `sampler: Sampler = Sampler(rois_per_image=128)` keeps 128 when a config sets
+        another key of the section.
     Returns:
       a validated instance of cls.
     Raises:
@@ -113,11 +118,14 @@ class Settings:
       raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(fields)}")
     values = {}
     for name, f in fields.items():
-      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+      if base is not None:
+        default = getattr(base, name)
+      else:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
       if name not in given:
         values[name] = default
       elif isinstance(default, Settings):
-        values[name] = type(default).merge(given[name], f"{where}.{name}")
+        values[name] = type(default).merge(given[name], f"{where}.{name}", base=default)
       else:
         values[name] = _coerce(default, given[name], f"{where}.{name}")
     out = cls(**values)

@@ -105,3 +105,13 @@ def test_dataclass_merge_type_errors_name_the_key(given, match):
 def test_a_term_given_by_dotted_path_resolves_to_that_function():
   s = _Settings.merge({"loss": {"cls": "jaxdet.losses:softmax_focal"}})
   assert s.loss.fn("cls") is losses.softmax_focal
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wide(settings_lib.Settings):
+  predict: _Predict = _Predict(max_detections=300)   # another default instance of the section
+
+
+def test_a_partly_given_section_merges_over_its_fields_default_instance():
+  s = _Wide.merge({"predict": {"score_threshold": 0.5}})
+  assert s.predict == _Predict(score_threshold=0.5, max_detections=300)
