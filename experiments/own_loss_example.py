@@ -18,8 +18,7 @@ def objectness_focal(logits, targets, mask):
   logits f32[N], targets f32[N] in {0, 1}, mask bool[N] -> f32[N], 0 outside the mask.
   """
   x = jnp.where(mask, logits, 0.0)                 # masked entries may hold anything, NaN too
-  t = jnp.where(mask, targets, 0.0)
-  p_t = jnp.where(t > 0.5, jax.nn.sigmoid(x), jax.nn.sigmoid(-x))
-  ce = -jax.nn.log_sigmoid(jnp.where(t > 0.5, x, -x))
-  return jnp.where(mask, (1.0 - p_t) ** 2 * ce, 0.0)
+  z = jnp.where(targets > 0.5, x, -x)              # the logit of the true outcome
+  ce = -jax.nn.log_sigmoid(z)                      # -log p_t
+  return jnp.where(mask, jax.nn.sigmoid(-z) ** 2 * ce, 0.0)   # (1 - p_t)^2 (-log p_t)
 # --- end ---

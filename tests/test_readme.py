@@ -28,3 +28,14 @@ def test_ci_runs_the_readme_test_command():
   ci = _read(".ci", "run")
   command = re.search(r"The tests .*?\n\n    (.+?)\n", readme, re.S).group(1)
   assert command in ci.splitlines()[-1], (command, ci.splitlines()[-1])
+
+
+def test_own_loss_snippet_is_the_tested_example():
+  """The README block is experiments/own_loss_example.py's marked part, which
+  tests/test_own_loss.py checks and trains with."""
+  readme = _read("README.md")
+  block = re.search(r"## Write your own loss.*?```python\n(.*?)```", readme, re.S).group(1)
+  source = _read("experiments", "own_loss_example.py")
+  body = re.search(r"# --- README: Write your own loss ---\n(.*?)# --- end ---", source,
+                   re.S).group(1)
+  assert block.strip() == body.strip()
