@@ -10,13 +10,13 @@ run as convolutions over each scale, every window's box is mapped back to the im
 of the same class are merged (OverFeat section 4.3). Scored with VOC07 mAP (keys:
 jaxdet.models.overfeat.Settings).
 cpu: windows.py's cpu network and training windows; R-CNN's deltas (box_coding "deltas") with
-smooth L1 (loss.box) at weight 0.3 on windows of IoU >= 0.45, merging at 0.7. Departures from
-the paper: the deltas and smooth L1 instead of window coordinates with L2, anchor-style grid
-windows instead of the paper's training crops, a weighted box term trained jointly with the
-classifier (the paper trains the regressor on frozen features).
+smooth L1 (loss.box) at weight 0.3 on windows of IoU >= 0.45, merging at 0.7.
 paper: windows.py's (VOC 2007, shorter side 480, torchvision's AlexNet standing in for
 OverFeat-fast, whose weights were never published) plus OverFeat's window coding with L2 on
 windows of IoU >= 0.4, merging at 0.6.
+Departures from the paper (both presets): the box term is trained jointly with the classifier,
+weighted (the paper trains the regressor on the classifier's frozen conv features); cpu also
+regresses deltas with smooth L1 and trains on the test-time grid windows (anchor-style labels).
 Measured results: BENCHMARKS.md.
 """
 

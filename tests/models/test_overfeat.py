@@ -400,8 +400,9 @@ def test_windows_system_detections_are_windows_after_nms(rng):
 # ----------------------------------------------------------------------------- loss, labels
 
 
-def _batch(rng, b=2, size=48):
-  """Noise images with 2 objects each (the second image's second box is padding)."""
+def _batch(rng, b=2, size=64):
+  """Noise images with objects in their top left 48 x 48 pixels (the second image's second box
+  is padding)."""
   boxes = np.array([[[4, 6, 30, 28], [20, 18, 46, 44]], [[10, 4, 40, 30], [0, 0, 0, 0]]],
                    np.float32)[:b]
   return {"image": jnp.asarray(rng.integers(0, 256, (b, size, size, 3)), jnp.uint8),
@@ -421,7 +422,7 @@ def test_default_loss_equals_the_float64_reference(rng):
       "backbone_kw": KW, "scales": (1.0,), "sampling": {"num_windows": 16}}})
   batch = _batch(rng)
   variables = system.init(jax.random.PRNGKey(0), batch)
-  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  key = jax.random.PRNGKey(5)   # fixed: windows of every kind (asserted below)
   loss, metrics, _ = jax.jit(system.loss)(variables, batch, key)
   ex, s = system.extras, system.extras.settings
   # The sampled windows (the loss's keys: split(key)[0] folded with each image's index).
