@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib
-from jaxdet.models import backbones, overfeat
-from jaxdet.ops import windows as win
+from jaxdet.models import overfeat
 
 
 def main(argv=None) -> dict:
@@ -32,15 +31,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--chunk", type=int, default=512)
   args = parser.parse_args(argv)
   from experiments.configs import overfeat as config_lib
-  m = overfeat.model_settings(config_lib.get_config("cpu"))
-  c = 6
-  parts = backbones.get_backbone(m["backbone"], **dict(m["backbone_kw"]))
-  window, step = overfeat.network_geometry(parts)
-  dense_net = overfeat.make_network(parts, c, c)
-  conv_net = overfeat.make_network(parts, c, c, as_conv=True)
+  extras = overfeat.build_system(config_lib.get_config("cpu")).extras
+  dense_net, conv_net = extras.network, extras.conv_network
+  window, step = extras.window, extras.step
   params = dense_net.init(jax.random.PRNGKey(0), jnp.zeros((1, window, window, 3)))
-  conv_params = {"params": overfeat.to_conv_params(params["params"], roi_size=parts.roi_size)}
-  scales = win.window_scales(m["scales"], m["aspect_ratios"])   # (sy, sx) per window shape
+  conv_params = overfeat.conv_variables(extras, params)
+  scales = extras.scales   # (sy, sx) per window shape: the preset's sizes x aspect ratios
   images = jnp.asarray(np.random.default_rng(0).integers(
       0, 256, (args.batch, args.image, args.image, 3)), jnp.uint8)
   dense = jax.jit(lambda p, x: overfeat.dense_windows(conv_net, p, x, scales, window=window,

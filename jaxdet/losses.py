@@ -429,6 +429,68 @@ def resolve_term(spec, kind: str, *, where: str = "loss") -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
+# OverFeat and sliding windows
+
+
+def window_classifier_loss(logits: Array, labels: Array, *,
+                           cls_fn: Callable = softmax_cross_entropy, cls_weight: float = 1.0,
+                           box_codes: Array | None = None,
+                           box_targets: Array | None = None, box_class: Array | None = None,
+                           box_mask: Array | None = None, box_fn: Callable = box_l2,
+                           box_weight: float = 1.0, decode: Callable | None = None,
+                           prefix: str = "overfeat") -> tuple[Array, dict[str, Array]]:
+  """The loss of a window classifier (+ per-class box regressor) over N sampled windows.
+
+    L = cls_weight mean_{labels >= 0} cls_fn(logits, labels)
+        + box_weight mean_{box_mask} box_fn(codes of box_class, box_targets)
+
+  each mean over the global batch (`jaxdet.global_batch.masked_mean`). The sliding-windows
+  system has the class term only; OverFeat both.
+
+  Args:
+    logits: f32[N, C + 1] class scores, column 0 background.
+    labels: i32[N] in {-1, 0..C}: 0 background, c + 1 object class c, -1 ignored.
+    cls_fn: a "class" term (see "Loss terms").
+    cls_weight: its weight.
+    box_codes: f32[N, C, 4] per-class box codes, or None: no box term.
+    box_targets: f32[N, 4] the codes of each window's matched object box.
+    box_class: i32[N] in [0, C) the matched object's class, whose codes regress.
+    box_mask: bool[N] the windows that regress (anything elsewhere, NaN included).
+    box_fn: a "box" term; box_weight: its weight.
+    decode: codes f32[N, 4] -> boxes f32[N, 4] (x1, y1, x2, y2) pixels in each window.
+    prefix: the system's name in the diagnostics.
+  Returns:
+    (loss f32[], metrics {"loss/cls", "loss/box" (weighted: they add up to the loss),
+    "<prefix>/accuracy" (argmax over the labelled windows), "<prefix>/positive_fraction"
+    (windows labelled with an object class)}).
+  """
+  checks.check_array("logits", logits, ndim=2, dtype_kind="f")
+  n, c1 = logits.shape
+  checks.check_array("labels", labels, dtype_kind="iu", shape=(n,))
+  labels = labels.astype(jnp.int32)
+  keep = labels >= 0
+  cls = cls_weight * global_batch.masked_mean(cls_fn(logits, labels, keep), keep)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  metrics = {"loss/cls": cls, f"{prefix}/accuracy": masked_mean(correct, keep),
+             f"{prefix}/positive_fraction": jnp.mean((labels >= 1).astype(jnp.float32))}
+  if box_codes is None:
+    return cls, metrics
+  checks.check_array("box_codes", box_codes, dtype_kind="f", shape=(n, c1 - 1, 4))
+  checks.check_array("box_targets", box_targets, dtype_kind="f", shape=(n, 4))
+  checks.check_array("box_class", box_class, dtype_kind="iu", shape=(n,))
+  checks.check_mask("box_mask", box_mask, "labels", (n,))
+  index = jnp.clip(box_class.astype(jnp.int32), 0, c1 - 2)
+  pred = jnp.take_along_axis(box_codes.astype(jnp.float32), index[:, None, None], axis=1)[:, 0]
+  # Rows outside the mask may hold anything: harmless values before any (user) term sees them.
+  pred = jnp.where(box_mask[:, None], pred, 0.0)
+  target = jnp.where(box_mask[:, None], box_targets.astype(jnp.float32), 0.0)
+  box = box_weight * global_batch.masked_mean(box_fn(pred, target, box_mask, decode=decode),
+                                              box_mask)
+  metrics["loss/box"] = box
+  return cls + box, metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # YOLO v1
 
 

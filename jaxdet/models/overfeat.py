@@ -3,34 +3,41 @@
 One network (`WindowNet`) serves two systems:
 
 * "windows" (the brute-force baseline, `jaxdet.models.windows`): classify every sliding window
-  of several image scales into C classes + background; each window's own box is the detection;
+  of several image scales into background + C classes; each window's own box is the detection;
   per-class NMS.
-* "overfeat" (Sermanet et al. 2014): the same classifier plus a box regressor (per class or
-  class-agnostic) predicting, in each window, the object's box; boxes from every window and
-  scale are mapped back to the image and merged by OverFeat's greedy merging
+* "overfeat" (Sermanet et al. 2014, this module's `build_system`): the same classifier plus a
+  per-class box regressor predicting, in each window, the object's box; boxes from every window
+  and scale are mapped back to the image and merged by OverFeat's greedy merging
   (`jaxdet.ops.windows.merge_boxes`).
 
-Training (both systems): from each image `num_windows` windows are cropped and warped to the
-network's input size `window` (RoI align on the pixels). train_windows "jitter"
-(`sample_windows`): half around ground-truth objects with jittered centre and size, half
-uniformly (square, or rectangular with aspect_ratios other than (1.0,)), labelled with the class
-of the ground-truth box of highest IoU when IoU >= pos_iou, background (index C) when < neg_iou,
-ignored in between (or soft IoU targets, soft_labels). train_windows "grid"
-(`sample_grid_windows`): drawn from the very windows scored at test time (`dense_grid`),
-labelled as anchors are (an object's best window is positive too). The regressor learns, on
-windows with IoU >= box_iou, the matched box coded relative to the window (box_coding "window":
-`encode_in_window`, L2; "deltas": R-CNN's, smooth L1).
+Background is class 0 of the window classifier: object class c of the data is class c + 1
+(the R-CNN family's convention); detections carry the data's classes 0..C-1.
+
+Training (both systems): from each image `sampling.num_windows` windows are cropped and warped
+to the network's input size `window` (RoI align on the pixels). train_windows "jitter"
+(`sample_windows`, `label_windows`): half around ground-truth objects with jittered centre and
+size, half uniformly (square, or rectangular with aspect_ratios other than (1.0,)), labelled
+with the class of the ground-truth box of highest IoU when IoU >= pos_iou, background when
+< neg_iou, ignored in between. train_windows "grid" (`sample_grid_windows`): drawn from the very
+windows scored at test time (`dense_grid`), labelled as anchors are (an object's best window is
+positive too). The regressor learns, on windows with IoU >= sampling.box_iou, the matched
+object's box coded relative to the window (box_coding "window": `encode_in_window`; "deltas":
+R-CNN's) with the loss term `loss.box`; the classifier with `loss.cls`
+(`jaxdet.losses.window_classifier_loss`).
 
 Test time: the fc layers become convolutions (`to_conv_params`, the same weights reshaped), so
 one pass over an image resized by s gives class scores and boxes for every window of size
 `window / s` at a step of `step / s` pixels (`jaxdet.ops.windows.window_grid`); resized by
 (sy, sx), windows `window / sx` wide and `window / sy` high (scales x aspect_ratios,
-`jaxdet.ops.windows.window_scales`). OverFeat's boxes are merged (post_process "merge") or
-go through per-class NMS ("nms").
+`jaxdet.ops.windows.window_scales`). OverFeat's boxes are merged (`overfeat_detections`).
+
+The module follows the detector anatomy: settings, network, box coding, targets, loss, dense
+inference and post-processing, system.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -41,25 +48,142 @@ import numpy as np
 
 from jaxdet import checks, global_batch, losses
 from jaxdet.models import backbones
-from jaxdet.models.settings import merge_settings
+from jaxdet.models import init_from
+from jaxdet.models import settings
 from jaxdet.ops import box_coder
 from jaxdet.ops import windows as win
-from jaxdet.ops.nms import multiclass_nms
 from jaxdet.ops.boxes import box_iou, clip_boxes
 from jaxdet.ops.matching import match_boxes
 from jaxdet.system import System
-from jaxdet.models import init_from
 
 Array = jax.Array
 
 
+# ----------------------------------------------------------------------------- settings
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+  if not lo <= value <= hi:
+    raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSampling(settings.Settings):
+  """`model.sampling`: the training windows of both window systems (`window_targets`)."""
+  train_windows: str = "jitter"  # "jitter": sample_windows around objects and at random;
+                                 # "grid": drawn from the test-time windows (sample_grid_windows)
+  num_windows: int = 16          # training windows per image
+  pos_iou: float = 0.5           # best IoU >= this: the object's class
+  neg_iou: float = 0.3           # best IoU < this: background; in between ignored
+  jitter: float = 0.2            # "jitter": relative size / shift jitter of object windows
+  grid_shares: tuple = (0.375, 0.25)   # "grid": the shares of positive and hard negatives
+  context: int = 0               # crops carry this many feature cells of surroundings on each
+                                 # side (backbones without pool5)
+
+  def validate(self, where: str) -> None:
+    if self.train_windows not in ("jitter", "grid"):
+      raise ValueError(f"{where}.train_windows: expected 'jitter' or 'grid', got "
+                       f"{self.train_windows!r}")
+    checks.check_positive(f"{where}.num_windows", self.num_windows)
+    _check_range(f"{where}.pos_iou", self.pos_iou, 0.0, 1.0)
+    _check_range(f"{where}.neg_iou", self.neg_iou, 0.0, self.pos_iou)
+    checks.check_positive(f"{where}.jitter", self.jitter, allow_zero=True)
+    if len(self.grid_shares) != 2 or sum(self.grid_shares) > 1.0:
+      raise ValueError(f"{where}.grid_shares: expected two shares (positives, hard negatives) "
+                       f"summing to at most 1, got {self.grid_shares!r}")
+    checks.check_positive(f"{where}.grid_shares", self.grid_shares, allow_zero=True)
+    checks.check_positive(f"{where}.context", self.context, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSettings(settings.Settings):
+  """What both window systems share: the backbone, its start and the window shapes."""
+  num_classes: int = 6           # C (background excluded; the classifier has C + 1 outputs)
+  backbone: str = "tiny"         # a key of jaxdet.models.backbones.BACKBONES (dense_fc)
+  backbone_kw: dict = dataclasses.field(default_factory=lambda: {
+      "stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128), "roi_size": 4,
+      "dropout_rate": 0.3})
+  pretrained: str = ""           # a local torchvision weights file of the backbone (ImageNet)
+  init_from: str = ""            # a finished classify run's workdir: conv + fc start from its
+                                 # latest checkpoint (jaxdet.models.init_from); "" = scratch
+  scales: tuple = (1.5, 1.0, 0.7, 0.5)   # test-time resize factors (window sizes)
+  aspect_ratios: tuple = (1.0,)  # window width / height; scales x aspect ratios test windows
+                                 # (jaxdet.ops.windows.window_scales), trained on windows of
+                                 # these aspects (rectangular unless (1.0,))
+  sampling: WindowSampling = WindowSampling()
+
+  def validate(self, where: str) -> None:
+    checks.check_positive(f"{where}.num_classes", self.num_classes)
+    for name in ("scales", "aspect_ratios"):
+      value = getattr(self, name)
+      if not value:
+        raise ValueError(f"{where}.{name}: expected at least one value, got {value!r}")
+      checks.check_positive(f"{where}.{name}", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling(WindowSampling):
+  """OverFeat's `model.sampling`: the windows' and, for the regressor, box_iou."""
+  box_iou: float = 0.4           # windows of best IoU >= this regress the object's box
+
+  def validate(self, where: str) -> None:
+    super().validate(where)
+    if not 0.0 < self.box_iou <= 1.0:
+      raise ValueError(f"{where}.box_iou: expected a value in (0, 1], got {self.box_iou!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict(settings.Settings):
+  """OverFeat's `model.predict`: the greedy merging of the regressed boxes."""
+  score_threshold: float = 0.05  # (window, class) pairs below this probability are dropped
+  pre_merge_topk: int = 128      # candidates entering the merge
+  merge_threshold: float = 0.6   # merge while match_score <= this (jaxdet.ops.windows)
+  max_detections: int = 50
+
+  def validate(self, where: str) -> None:
+    _check_range(f"{where}.score_threshold", self.score_threshold, 0.0, 1.0)
+    checks.check_positive(f"{where}.pre_merge_topk", self.pre_merge_topk)
+    checks.check_positive(f"{where}.merge_threshold", self.merge_threshold, allow_zero=True)
+    checks.check_positive(f"{where}.max_detections", self.max_detections)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(settings.LossSettings):
+  """OverFeat's `model.loss`: the window classifier and the box regressor."""
+  TERMS = {"cls": "class", "box": "box"}
+  cls: str = "softmax_cross_entropy"
+  cls_weight: float = 1.0
+  box: str = "l2"                # OverFeat's L2 on window coordinates ("smooth_l1" for deltas)
+  box_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(WindowSettings):
+  """The "overfeat" system's settings (`config.model`)."""
+  box_coding: str = "window"     # "window" (OverFeat's, fractions of the window) | "deltas"
+                                 # (R-CNN's); `encode_window_boxes`
+  sampling: Sampling = Sampling()
+  predict: Predict = Predict()
+  loss: Loss = Loss()
+
+  def validate(self, where: str) -> None:
+    super().validate(where)
+    if self.box_coding not in BOX_CODINGS:
+      raise ValueError(f"{where}.box_coding: expected one of {BOX_CODINGS}, got "
+                       f"{self.box_coding!r}")
+
+
+# ----------------------------------------------------------------------------- network
+
+
 class WindowNet(nn.Module):
-  """Conv part -> (pool5) -> fc part -> class head (C + 1, background last) and box head.
+  """Conv part -> (pool5) -> fc part -> class head (C + 1, background first) and box head.
 
   Dense form (`as_conv=False`): windows f[N, window, window, 3] -> (logits f[N, C + 1],
-  boxes f[N, G, 4] or None). Convolutional form (`as_conv=True`): images f[B, H, W, 3] ->
-  (logits f[B, h, w, C + 1], boxes f[B, h, w, G, 4] or None), one output per window.
-  G = C for per-class boxes, 1 for class-agnostic ones, 0 for no box head.
+  boxes f[N, C, 4] or None). Convolutional form (`as_conv=True`): images f[B, H, W, 3] ->
+  (logits f[B, h, w, C + 1], boxes f[B, h, w, C, 4] or None), one output per window.
+  Logit 0 is background, logit c + 1 object class c; boxes[..., c, :] are class c's codes
+  (per-class boxes, box_head=True; none without).
 
   Parameters {"conv", "fc", "cls_head", "box_head"}; `to_conv_params` maps the dense form's
   to the convolutional form's.
@@ -67,7 +191,7 @@ class WindowNet(nn.Module):
   conv: nn.Module
   fc: nn.Module
   num_classes: int
-  box_groups: int = 0
+  box_head: bool = False
   pool5: tuple[int, int, int] | None = None
   as_conv: bool = False
   dtype: Any = jnp.float32
@@ -89,13 +213,13 @@ class WindowNet(nn.Module):
     else:
       head = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
     logits = head(self.num_classes + 1, "cls_head")(h).astype(jnp.float32)
-    if not self.box_groups:
+    if not self.box_head:
       return logits, None
-    boxes = head(4 * self.box_groups, "box_head")(h).astype(jnp.float32)
-    return logits, boxes.reshape(*boxes.shape[:-1], self.box_groups, 4)
+    boxes = head(4 * self.num_classes, "box_head")(h).astype(jnp.float32)
+    return logits, boxes.reshape(*boxes.shape[:-1], self.num_classes, 4)
 
 
-def make_network(parts: backbones.BackboneParts, num_classes: int, box_groups: int, *,
+def make_network(parts: backbones.BackboneParts, num_classes: int, box_head: bool, *,
                  as_conv: bool = False) -> WindowNet:
   """The `WindowNet` over backbone parts (their fc part must be Dense layers)."""
   checks.check_positive("num_classes", num_classes)
@@ -103,7 +227,7 @@ def make_network(parts: backbones.BackboneParts, num_classes: int, box_groups: i
     raise ValueError("backbone: OverFeat needs a Dense fc part to run as convolutions "
                      "(dense_fc=True: tiny, alexnet, overfeat_fast, zf, vgg16)")
   fc = parts.fc.clone(as_conv=as_conv)
-  return WindowNet(parts.conv.clone(), fc, num_classes, box_groups, parts.pool5, as_conv,
+  return WindowNet(parts.conv.clone(), fc, num_classes, bool(box_head), parts.pool5, as_conv,
                    dtype=parts.conv.dtype)
 
 
@@ -182,9 +306,10 @@ def encode_window_boxes(boxes: Array, windows: Array, box_coding: str = "window"
   Args:
     boxes: f32[..., 4] (x1, y1, x2, y2) pixels; windows: f32[..., 4] (broadcastable).
     box_coding: "window": OverFeat's, each coordinate as a fraction of the window from its
-      top-left corner (`jaxdet.ops.windows.encode_in_window`, learnt with L2); "deltas":
+      top-left corner (`jaxdet.ops.windows.encode_in_window`; OverFeat learns it
+      with L2); "deltas":
       R-CNN's (dx, dy, log dw, log dh) relative to the window, times DELTA_WEIGHTS
-      (`jaxdet.ops.box_coder.encode_boxes`, learnt with smooth L1).
+      (`jaxdet.ops.box_coder.encode_boxes`; R-CNN's smooth L1). The loss is `loss.box`.
   Returns:
     f32[..., 4] codes.
   """
@@ -202,7 +327,7 @@ def decode_window_boxes(codes: Array, windows: Array, box_coding: str = "window"
   return box_coder.decode_boxes(codes, windows, weights=DELTA_WEIGHTS)
 
 
-# ----------------------------------------------------------------------------- training windows
+# ----------------------------------------------------------------------------- targets
 
 
 def sample_windows(key: Array, gt_boxes: Array, gt_mask: Array, image_size: Array, *,
@@ -292,8 +417,8 @@ def dense_grid(conv_net: WindowNet, image_hw: Sequence[int], scales: Sequence[An
 
 
 def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Array,
-                        gt_mask: Array, image_size: Array, *, num_windows: int, num_classes: int,
-                        pos_iou: float, neg_iou: float, hard_iou: float = 0.1,
+                        gt_mask: Array, image_size: Array, *, num_windows: int, pos_iou: float,
+                        neg_iou: float, hard_iou: float = 0.1,
                         shares: tuple[float, float] = (0.375, 0.25)) -> dict[str, Array]:
   """Training windows drawn from the test-time grid itself, labelled as anchors are.
 
@@ -307,12 +432,13 @@ def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Arr
   exactly the windows it scores at test time, the best-placed one above its neighbours.
 
   Args:
-    key: PRNG key; grid: f32[N, 4] (`dense_grid`); gt_boxes f32[M, 4], gt_labels i32[M],
-      gt_mask bool[M]; image_size i32[2] (height, width) of the real pixels.
+    key: PRNG key; grid: f32[N, 4] (`dense_grid`); gt_boxes f32[M, 4], gt_labels i32[M] in
+      [0, C), gt_mask bool[M]; image_size i32[2] (height, width) of the real pixels.
   Returns:
-    {"windows": f32[S, 4], "labels": i32[S] in {-1, 0..C} (C = background),
-     "iou": f32[S] best IoU (0 in unfilled slots), "matched": f32[S, 4] the best object's box
-     (zeros without one)}.
+    {"windows": f32[S, 4], "labels": i32[S] in {-1, 0..C} (0 background, c + 1 object class
+     c, -1 ignored), "iou": f32[S] best IoU (0 in unfilled slots), "matched": f32[S, 4] the
+     best object's box (zeros without one), "matched_class": i32[S] its class in [0, C) (0
+     without one)}.
   """
   checks.check_boxes("grid", grid)
   s = num_windows
@@ -333,124 +459,131 @@ def sample_grid_windows(key: Array, grid: Array, gt_boxes: Array, gt_labels: Arr
     idx.append(rows)
     ok.append(score >= 0)
   idx, ok = jnp.concatenate(idx), jnp.concatenate(ok)                       # [S]
-  cls = jnp.where(lab[idx] == 1, gt_labels[matched_gt[idx]].astype(jnp.int32), num_classes)
   has_gt = gt_mask.any()
+  obj_cls = jnp.where(has_gt, gt_labels[matched_gt[idx]].astype(jnp.int32), 0)
+  cls = jnp.where(lab[idx] == 1, obj_cls + 1, 0)
   return {"windows": grid[idx], "labels": jnp.where(ok, cls, -1),
           "iou": jnp.where(ok, max_iou[idx], 0.0),
-          "matched": jnp.where(has_gt, gt_boxes[matched_gt[idx]].astype(jnp.float32), 0.0)}
+          "matched": jnp.where(has_gt, gt_boxes[matched_gt[idx]].astype(jnp.float32), 0.0),
+          "matched_class": obj_cls}
 
 
 def label_windows(windows: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Array, *,
-                  num_classes: int, pos_iou: float, neg_iou: float) -> dict[str, Array]:
+                  pos_iou: float, neg_iou: float) -> dict[str, Array]:
   """Class targets of windows: the best-overlapping object's class, background or ignored.
 
   Args:
     windows: f32[S, 4]; gt_boxes f32[M, 4]; gt_labels i32[M] in [0, C); gt_mask bool[M].
-    num_classes: C; background is label C.
-    pos_iou: IoU >= this with the best object: that object's class.
-    neg_iou: best IoU < this: background; in between: ignored (label -1).
+    pos_iou: IoU >= this with the best object: that object's class c, labelled c + 1.
+    neg_iou: best IoU < this: background (label 0); in between: ignored (label -1).
   Returns:
     {"labels": i32[S] in {-1, 0..C}, "iou": f32[S] best IoU (0 without objects),
      "matched": f32[S, 4] the best object's box (zeros without objects),
-     "object_class": i32[S] the best object's class (C without objects)}.
+     "matched_class": i32[S] the best object's class in [0, C) (0 without objects)}.
   """
   best, best_iou, lab = match_boxes(box_iou(windows, gt_boxes), gt_mask, high=pos_iou,
                                     low=neg_iou)                              # [S] each
   has_gt = gt_mask.any()
-  obj_cls = jnp.where(has_gt, gt_labels[best].astype(jnp.int32), num_classes)
-  cls = jnp.where(lab == 1, obj_cls, jnp.where(lab == 0, num_classes, -1))
+  obj_cls = jnp.where(has_gt, gt_labels[best].astype(jnp.int32), 0)
+  cls = jnp.where(lab == 1, obj_cls + 1, jnp.where(lab == 0, 0, -1))
   matched = jnp.where(has_gt, gt_boxes[best].astype(jnp.float32), 0.0)
-  return {"labels": cls, "iou": best_iou, "matched": matched, "object_class": obj_cls}
+  return {"labels": cls, "iou": best_iou, "matched": matched, "matched_class": obj_cls}
 
 
-def window_loss(net: WindowNet, variables: Any, batch: Mapping[str, Array], rng: Array, *,
-                window: int, num_windows: int, min_side: float, pos_iou: float,
-                neg_iou: float, box_iou_min: float, box_weight: float,
-                aspect_range: tuple[float, float] = (1.0, 1.0), jitter: float = 0.2,
-                box_coding: str = "window", soft_labels: bool = False,
-                grid: Array | None = None, grid_shares: tuple[float, float] = (0.375, 0.25),
-                context: int = 0, stride: int = 8, mutable: Any = False) -> tuple[Array, dict[str, Array], Any]:
-  """The training loss of a dense-form `WindowNet` on sampled windows of a batch of images.
+def window_targets(key: Array, gt_boxes: Array, gt_labels: Array, gt_mask: Array,
+                   image_size: Array, *, sampling: WindowSampling, grid: Array | None,
+                   min_side: float, aspect_range: tuple[float, float]) -> dict[str, Array]:
+  """The training windows of one image and their targets (vmap over the batch).
 
-  loss = mean softmax CE over non-ignored windows + box_weight * mean over regression windows
-  of the coordinates' summed loss (of the matched class for per-class boxes): squared error of
-  the window-relative box (box_coding "window") or smooth L1 (beta 1) of the weighted deltas
-  ("deltas"). Windows: `sample_windows` (aspect_range, jitter).
+  Args:
+    key: PRNG key; gt_boxes f32[M, 4], gt_labels i32[M] in [0, C), gt_mask bool[M];
+      image_size i32[2] (height, width) of the real pixels.
+    sampling: `model.sampling`; train_windows "jitter" (`sample_windows`, `label_windows`) or
+      "grid" (`sample_grid_windows` over `grid`).
+    grid: f32[N, 4] the test-time windows (`dense_grid`), for "grid"; None for "jitter".
+    min_side, aspect_range: the uniform windows of "jitter" (`sample_windows`).
+  Returns:
+    {"windows": f32[S, 4] pixels, "labels": i32[S] in {-1, 0..C} (0 background, c + 1 object
+     class c, -1 ignored), "iou": f32[S] best IoU, "matched": f32[S, 4] the best object's box,
+     "matched_class": i32[S] its class (the box regressor's class)}.
+  """
+  if sampling.train_windows == "grid":
+    return sample_grid_windows(key, grid, gt_boxes, gt_labels, gt_mask, image_size,
+                               num_windows=sampling.num_windows, pos_iou=sampling.pos_iou,
+                               neg_iou=sampling.neg_iou, shares=tuple(sampling.grid_shares))
+  windows = sample_windows(key, gt_boxes, gt_mask, image_size, num_windows=sampling.num_windows,
+                           min_side=min_side, jitter=sampling.jitter, aspect_range=aspect_range)
+  labelled = label_windows(windows, gt_boxes, gt_labels, gt_mask, pos_iou=sampling.pos_iou,
+                           neg_iou=sampling.neg_iou)
+  return {"windows": windows, **labelled}
 
-  soft_labels: instead of ignoring windows of best IoU in [neg_iou, pos_iou), every window's
-  class target is soft: t = clip((IoU - neg_iou) / (pos_iou - neg_iou), 0, 1) on the best
-  object's class and 1 - t on background (CE = t CE(object) + (1 - t) CE(background)), so the
-  class probability rises with the window's overlap and the best-placed window scores highest.
 
-  grid: f32[N, 4] the test-time windows (`dense_grid`): training windows are drawn from them
-  (`sample_grid_windows`, anchor-style labels, in grid_shares) instead of `sample_windows`.
+def crop_with_context(image: Array, windows: Array, *, window: int, context: int,
+                      stride: int) -> Array:
+  """The network inputs of one image's training windows: each cropped with `context` feature
+  cells (context * stride network pixels) of its surroundings on each side and warped to
+  window + 2 context stride pixels (`WindowNet` cuts the extra cells before its fc part).
 
-  context: each window is cropped with `context` cells (context * stride network pixels) of
-  its surroundings on each side, as the dense map's features see them at test time; the net
-  cuts them before its fc part (needs no pool5).
+  Args:
+    image: [H, W, 3] pixels; windows: f32[S, 4] (x1, y1, x2, y2) pixels.
+  Returns:
+    f32[S, size, size, 3] pixels, size = window + 2 context stride.
+  """
+  pad = context * stride                                                    # network pixels
+  grow = jnp.tile(windows[..., 2:] - windows[..., :2], 2) * (pad / window)  # [S, 4]
+  outer = windows + jnp.array([-1.0, -1.0, 1.0, 1.0]) * grow
+  return win.crop_windows(image, outer, window + 2 * pad)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def window_loss(extras: "Extras", variables: Any, batch: Mapping[str, Array], rng: Array, *,
+                prefix: str) -> tuple[Array, dict[str, Array], dict[str, Any]]:
+  """The training loss of a window system on sampled windows of a batch of images.
+
+  Targets (`window_targets`, vmapped), crops (`crop_with_context`), the dense-form network,
+  then `jaxdet.losses.window_classifier_loss`: the term `loss.cls` and, with a box head,
+  `loss.box` on the codes of the matched object's class (`box_coding`) in the windows of IoU
+  >= sampling.box_iou, each weighted.
 
   Returns:
-    (loss f32[], metrics {"loss/class", "loss/box", "window_accuracy", "positive_fraction"},
-    new model state).
+    (loss f32[], metrics {"loss/cls", ("loss/box"), "<prefix>/accuracy",
+    "<prefix>/positive_fraction"} (the loss terms weighted: they add up to the loss), {}).
   """
+  s, net = extras.settings, extras.network
   k_sample, k_drop = jax.random.split(rng)
   b = batch["image"].shape[0]
-  keys = global_batch.example_keys(k_sample, b)
-  if grid is None:
-    sample = functools.partial(sample_windows, num_windows=num_windows, min_side=min_side,
-                               jitter=jitter, aspect_range=aspect_range)
-    wins = jax.vmap(sample)(keys, batch["boxes"], batch["box_mask"], batch["image_size"])
-    labelled = jax.vmap(functools.partial(
-        label_windows, num_classes=net.num_classes, pos_iou=pos_iou, neg_iou=neg_iou))(
-            wins, batch["boxes"], batch["labels"], batch["box_mask"])
-  else:
-    labelled = jax.vmap(functools.partial(
-        sample_grid_windows, grid=grid, num_windows=num_windows, num_classes=net.num_classes,
-        pos_iou=pos_iou, neg_iou=neg_iou, shares=tuple(grid_shares)))(keys, gt_boxes=batch["boxes"],
-                                           gt_labels=batch["labels"], gt_mask=batch["box_mask"],
-                                           image_size=batch["image_size"])
-    wins = labelled["windows"]
-  pad = context * stride                                                    # network pixels
-  size = window + 2 * pad
-  grow = jnp.tile(wins[..., 2:] - wins[..., :2], 2) * (pad / window)       # [B, S, 4]
-  outer = wins + jnp.array([-1.0, -1.0, 1.0, 1.0]) * grow
-  crops = jax.vmap(functools.partial(win.crop_windows, size=size))(batch["image"], outer)
-  crops = crops.reshape(b * num_windows, size, size, 3)
-  x = backbones.normalize_images(crops, net.dtype)
-  out = net.apply(variables, x, train=True, context=context, rngs={"dropout": k_drop},
-                  mutable=mutable)
-  (logits, boxes), new_state = out if mutable else (out, {})
-  labels = labelled["labels"].reshape(-1)
-  keep = labels >= 0
-  if soft_labels:
-    if grid is not None:
-      raise ValueError("soft_labels: not with grid training windows (their labels are the "
-                       "anchor-style ones of sample_grid_windows)")
-    t = jnp.clip((labelled["iou"].reshape(-1) - neg_iou) / (pos_iou - neg_iou), 0.0, 1.0)
-    obj = labelled["object_class"].reshape(-1)
-    bg = jnp.full_like(obj, net.num_classes)
-    ce = jnp.mean(t * losses.softmax_cross_entropy(logits, obj)
-                  + (1.0 - t) * losses.softmax_cross_entropy(logits, bg))
-  else:
-    ce = global_batch.masked_mean(losses.softmax_cross_entropy(logits, labels, keep), keep)
-  acc = losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), keep)
-  metrics = {"loss/class": ce, "window_accuracy": acc,
-             "positive_fraction": jnp.mean((labels >= 0) & (labels < net.num_classes))}
-  total = ce
-  if boxes is not None:
-    target = encode_window_boxes(labelled["matched"], wins, box_coding).reshape(-1, 4)
-    gt_cls = jnp.clip(labels, 0, net.num_classes - 1)
-    group = gt_cls if boxes.shape[1] > 1 else jnp.zeros_like(gt_cls)
-    pred = jnp.take_along_axis(boxes, group[:, None, None], axis=1)[:, 0]   # [N, 4]
-    reg = labelled["iou"].reshape(-1) >= box_iou_min
-    if box_coding == "window":
-      per_window = jnp.sum(losses.l2(pred, target, reg[:, None]), axis=-1)
-    else:
-      per_window = jnp.sum(losses.smooth_l1(pred, target, reg[:, None], beta=1.0), axis=-1)
-    box_loss = global_batch.masked_mean(per_window, reg)
-    metrics["loss/box"] = box_loss
-    total = total + box_weight * box_loss
-  return total, metrics, dict(new_state)
+  grid = None
+  if s.sampling.train_windows == "grid":
+    grid = dense_grid(extras.conv_network, batch["image"].shape[1:3], extras.scales,
+                      window=extras.window, step=extras.step)
+  aspects = tuple(float(a) for a in s.aspect_ratios)
+  targets = jax.vmap(functools.partial(
+      window_targets, sampling=s.sampling, grid=grid,
+      min_side=extras.window / max(max(p) for p in extras.scales),
+      aspect_range=(min(aspects), max(aspects))))(
+          global_batch.example_keys(k_sample, b), batch["boxes"], batch["labels"],
+          batch["box_mask"], batch["image_size"])
+  context = s.sampling.context
+  crops = jax.vmap(functools.partial(crop_with_context, window=extras.window, context=context,
+                                     stride=extras.step))(batch["image"], targets["windows"])
+  x = backbones.normalize_images(crops.reshape(-1, *crops.shape[2:]), net.dtype)
+  logits, codes = net.apply(variables, x, train=True, context=context,
+                            rngs={"dropout": k_drop})
+  flat = lambda name: targets[name].reshape(-1, *targets[name].shape[2:])
+  kw = {}
+  if codes is not None:
+    windows = flat("windows")                                               # [B S, 4]
+    kw = dict(box_codes=codes, box_targets=encode_window_boxes(
+                  flat("matched"), windows, s.box_coding),
+              box_class=flat("matched_class"), box_mask=flat("iou") >= s.sampling.box_iou,
+              box_fn=s.loss.fn("box"), box_weight=s.loss.weight("box"),
+              decode=lambda c: decode_window_boxes(c, windows, s.box_coding))
+  total, metrics = losses.window_classifier_loss(
+      logits, flat("labels"), cls_fn=s.loss.fn("cls"), cls_weight=s.loss.weight("cls"),
+      prefix=prefix, **kw)
+  return total, metrics, {}
 
 
 # ----------------------------------------------------------------------------- dense inference
@@ -481,8 +614,9 @@ def dense_windows(conv_net: WindowNet, conv_params: Any, images: Array, scales: 
     box_coding: how the box head codes boxes (`decode_window_boxes`).
   Returns:
     {"windows": f32[N, 4] every window's box (N summed over scales, row-major per scale),
-     "probs": f32[B, N, C + 1] softmax (background last),
-     "boxes": f32[B, N, G, 4] regressed boxes in image pixels (absent without a box head)}.
+     "probs": f32[B, N, C + 1] softmax (column 0 background, c + 1 object class c),
+     "boxes": f32[B, N, C, 4] regressed boxes of each class in image pixels (absent without a
+     box head)}.
   """
   checks.check_array("images", images, ndim=4, last_dim=3)
   wins, probs, boxes = [], [], []
@@ -516,7 +650,7 @@ def explicit_windows(dense_net: WindowNet, params: Any, images: Array, windows: 
     window: the network input size; chunk: crops per forward pass; box_coding: as in
       `dense_windows`.
   Returns:
-    {"probs": f32[B, N, C + 1], "boxes": f32[B, N, G, 4] (absent without a box head)}.
+    {"probs": f32[B, N, C + 1], "boxes": f32[B, N, C, 4] (absent without a box head)}.
   """
   n = windows.shape[0]
   pad = (-n) % chunk
@@ -529,7 +663,7 @@ def explicit_windows(dense_net: WindowNet, params: Any, images: Array, windows: 
       return jax.nn.softmax(logits, -1), (codes if codes is not None else jnp.zeros((0,)))
     probs, codes = jax.lax.map(one_chunk, padded.reshape(-1, chunk, 4))
     probs = probs.reshape(-1, probs.shape[-1])[:n]
-    if dense_net.box_groups:
+    if dense_net.box_head:
       codes = codes.reshape(-1, *codes.shape[2:])[:n]
       return probs, decode_window_boxes(codes, windows[:, None, :], box_coding)
     return probs, None
@@ -541,21 +675,7 @@ def explicit_windows(dense_net: WindowNet, params: Any, images: Array, windows: 
   return out
 
 
-def windows_detections(windows: Array, probs: Array, image_size: Array, *, iou_threshold: float,
-                       score_threshold: float, max_detections: int) -> dict[str, Array]:
-  """The brute-force detector's post-processing for one image: window boxes, per-class NMS.
-
-  Also OverFeat's alternative to merging (post_process "nms"): its regressed boxes, per-class NMS.
-
-  Args:
-    windows: f32[N, 4] every window's box, or regressed boxes f32[N, C, 4] (one per class);
-    probs: f32[N, C + 1] (background last); image_size: i32[2].
-  Returns:
-    Detections of one image (boxes f32[K, 4] clipped to the image, scores, labels, valid).
-  """
-  boxes = clip_boxes(windows, image_size[0], image_size[1])
-  return multiclass_nms(boxes, probs[:, :-1], iou_threshold=iou_threshold,
-                                max_output=max_detections, score_threshold=score_threshold)
+# ----------------------------------------------------------------------------- post-processing
 
 
 def overfeat_detections(probs: Array, boxes: Array, image_size: Array, *, pre_merge_topk: int,
@@ -564,24 +684,24 @@ def overfeat_detections(probs: Array, boxes: Array, image_size: Array, *, pre_me
   """OverFeat's post-processing for one image: best (window, class) boxes, greedy merging.
 
   The pre_merge_topk best (window, class) pairs by class probability with probability >=
-  score_threshold each contribute that class's regressed box (or the shared box); boxes are
-  clipped to the image and merged per class (`merge_boxes`, scores summed).
+  score_threshold each contribute that class's regressed box; boxes are clipped to the image
+  and merged per class (`merge_boxes`, scores summed).
 
   Args:
-    probs: f32[N, C + 1] (background last); boxes: f32[N, G, 4] image pixels (G = C or 1);
-    image_size: i32[2].
+    probs: f32[N, C + 1] (column 0 background, c + 1 object class c); boxes: f32[N, C, 4]
+      image pixels, per class; image_size: i32[2].
   Returns:
-    Detections of one image: boxes f32[K, 4], scores f32[K] (summed support), labels i32[K],
-    valid bool[K], K = max_detections.
+    Detections of one image: boxes f32[K, 4], scores f32[K] (summed support), labels i32[K]
+    in [0, C) (the data's classes), valid bool[K], K = max_detections.
   """
   n, c1 = probs.shape
   c = c1 - 1
+  checks.check_array("boxes", boxes, shape=(n, c, 4), dtype_kind="f")
   k = min(pre_merge_topk, n * c)
-  flat = probs[:, :c].reshape(-1)                                          # [N C]
+  flat = probs[:, 1:].reshape(-1)                                          # [N C]
   scores, idx = jax.lax.top_k(flat, k)
   window, cls = idx // c, (idx % c).astype(jnp.int32)
-  group = cls if boxes.shape[1] > 1 else jnp.zeros_like(cls)
-  cand = clip_boxes(boxes[window, group], image_size[0], image_size[1])
+  cand = clip_boxes(boxes[window, cls], image_size[0], image_size[1])
   merged = win.merge_boxes(cand, scores, cls, scores >= score_threshold,
                            threshold=merge_threshold)
   take = lambda x: x[:max_detections] if k >= max_detections else jnp.concatenate(
@@ -589,130 +709,83 @@ def overfeat_detections(probs: Array, boxes: Array, image_size: Array, *, pre_me
   return {key: take(merged[key]) for key in ("boxes", "scores", "labels", "valid")}
 
 
+def predict(extras: "Extras", variables: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
+  """OverFeat's detections of a batch: `dense_windows`, then `overfeat_detections` per image."""
+  s = extras.settings
+  dense = dense_windows(extras.conv_network, conv_variables(extras, variables), batch["image"],
+                        extras.scales, window=extras.window, step=extras.step,
+                        box_coding=s.box_coding)
+  post = functools.partial(overfeat_detections, pre_merge_topk=s.predict.pre_merge_topk,
+                           score_threshold=s.predict.score_threshold,
+                           merge_threshold=s.predict.merge_threshold,
+                           max_detections=s.predict.max_detections)
+  return jax.vmap(post)(dense["probs"], dense["boxes"], batch["image_size"])
+
+
 # ----------------------------------------------------------------------------- system
 
 
-MODEL_DEFAULTS: dict[str, Any] = {
-    "backbone": "tiny",
-    "backbone_kw": {"stride": 8, "widths": (16, 32, 64, 64), "fc_features": (128, 128),
-                    "roi_size": 4, "dropout_rate": 0.3},
-    "box_head": "per_class",       # "per_class" | "agnostic" | "none"
-    "num_windows": 16,             # training windows per image
-    "pos_iou": 0.5, "neg_iou": 0.3, "box_iou": 0.4,
-    "train_windows": "jitter",     # "jitter": sample_windows around objects and at random;
-                                   # "grid": drawn from the test-time windows (sample_grid_windows)
-    "grid_shares": (0.375, 0.25),  # grid: the shares of positive and hard negative windows
-    "context": 0,                  # training crops carry this many feature cells of surroundings
-                                   # on each side (window_loss; no pool5 backbones)
-    "soft_labels": False,          # class target t = clip((IoU - neg) / (pos - neg), 0, 1), the
-                                   # rest background (window_loss); False: hard, in-between ignored
-    "box_weight": 1.0,
-    "box_coding": "window",        # "window" (OverFeat's, L2) | "deltas" (R-CNN's, smooth L1)
-    "jitter": 0.2,                 # training windows around objects: relative size / shift jitter
-    "scales": (1.5, 1.0, 0.7, 0.5),
-    "aspect_ratios": (1.0,),       # window width / height; scales x aspect ratios test windows
-                                   # (jaxdet.ops.windows.window_scales), trained on windows of
-                                   # these aspects (rectangular unless (1.0,))
-    "score_threshold": 0.05,
-    "iou_threshold": 0.3,          # windows: per-class NMS
-    "pre_merge_topk": 128,         # overfeat: candidates entering the merge
-    "merge_threshold": 0.6,        # overfeat: merge while match_score <= this
-    "post_process": "merge",       # overfeat: "merge" (the paper's) | "nms" (per-class NMS of
-                                   # the regressed boxes at iou_threshold)
-    "max_detections": 50,
-    "pretrained": "",              # a local torchvision weights file of the backbone (ImageNet)
-    "init_from": "",               # a finished classify run's workdir: conv + fc start from its
-                                   # latest checkpoint (jaxdet.models.init_from); "" = scratch
-}
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """The parts of a window system ("overfeat" or "windows") for experiments and tests.
+
+  Attributes:
+    settings: the system's settings (`Settings` or `jaxdet.models.windows.Settings`).
+    network: the dense-form `WindowNet` (training windows f[N, window, window, 3]).
+    conv_network: its convolutional form (whole images; `to_conv_params` of the same params).
+    window, step: `network_geometry` (input size and dense output stride, pixels).
+    scales: the test-time resize factors, pairs (sy, sx) (`jaxdet.ops.windows.window_scales`).
+    roi_size: the fc part's input side in feature cells (`to_conv_params`).
+  """
+  settings: WindowSettings
+  network: WindowNet
+  conv_network: WindowNet
+  window: int
+  step: int
+  scales: tuple[tuple[float, float], ...]
+  roi_size: int
 
 
-def model_settings(config: Any) -> dict[str, Any]:
-  """MODEL_DEFAULTS updated by config.model (unknown keys are an error)."""
-  model = config["model"] if "model" in config else {}
-  given = {k: v for k, v in model.items() if k != "num_classes"}   # config.num_classes wins
-  return merge_settings(MODEL_DEFAULTS, given, "config.model")
-
-
-def build(config: Any, *, mode: str) -> System:
-  """The "overfeat" (mode "overfeat") or "windows" (mode "windows") System from a config."""
-  if mode not in ("overfeat", "windows"):
-    raise ValueError(f"mode: expected 'overfeat' or 'windows', got {mode!r}")
-  m = model_settings(config)
-  c = int(config["num_classes"])
-  dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  parts = backbones.get_backbone(m["backbone"], dtype=dtype, **dict(m["backbone_kw"]))
+def make_extras(s: WindowSettings, *, box_head: bool, compute_dtype: Any = "float32",
+                where: str = "config.model") -> Extras:
+  """The networks and window geometry of settings `s` (with or without a box head)."""
+  parts = backbones.get_backbone(s.backbone, dtype=jnp.dtype(compute_dtype),
+                                 **dict(s.backbone_kw))
+  if s.sampling.context and parts.pool5 is not None:
+    raise ValueError(f"{where}.sampling.context: needs a backbone without pool5 (tiny); "
+                     f"{s.backbone!r} has pool5, use context 0")
   window, step = network_geometry(parts)
-  if mode == "windows":
-    groups = 0
-  else:
-    groups = {"per_class": c, "agnostic": 1, "none": 0}[m["box_head"]]
-  net = make_network(parts, c, groups)
-  conv_net = make_network(parts, c, groups, as_conv=True)
-  _check_coding(m["box_coding"])
-  if m["post_process"] not in ("merge", "nms"):
-    raise ValueError(f"config.model.post_process: expected 'merge' or 'nms', got "
-                     f"{m['post_process']!r}")
-  if int(m["context"]) and parts.pool5 is not None:
-    raise ValueError("config.model.context: needs a backbone without pool5 (tiny)")
-  if m["train_windows"] not in ("jitter", "grid"):
-    raise ValueError(f"config.model.train_windows: expected 'jitter' or 'grid', got "
-                     f"{m['train_windows']!r}")
-  aspects = tuple(float(a) for a in m["aspect_ratios"])
-  scales = win.window_scales(tuple(float(s) for s in m["scales"]), aspects)
-  aspect_range = (min(aspects), max(aspects))
+  scales = win.window_scales(tuple(float(v) for v in s.scales),
+                             tuple(float(a) for a in s.aspect_ratios))
+  return Extras(settings=s, network=make_network(parts, s.num_classes, box_head),
+                conv_network=make_network(parts, s.num_classes, box_head, as_conv=True),
+                window=window, step=step, scales=scales, roi_size=parts.roi_size)
 
-  @jax.jit
-  def fresh(rng):
-    return dict(net.init({"params": rng}, jnp.zeros((1, window, window, 3), dtype), train=False))
 
-  def init(rng, batch):
-    del batch
-    variables = fresh(rng)
-    # the papers' and the lecture's recipe: a classification network, then fine-tuning
-    return init_from.start_backbone(variables, backbone=m["backbone"],
-                                    backbone_kw=m["backbone_kw"], pretrained=m["pretrained"],
-                                    init_from=m["init_from"])
+def conv_variables(extras: Extras, variables: Any) -> dict[str, Any]:
+  """The variables of `extras.conv_network` from those of `extras.network`."""
+  return {**variables, "params": to_conv_params(variables["params"], roi_size=extras.roi_size)}
 
-  def loss(variables, batch, rng):
-    grid = None
-    if m["train_windows"] == "grid":
-      grid = dense_grid(conv_net, batch["image"].shape[1:3], scales, window=window, step=step)
-    return window_loss(net, variables, batch, rng, window=window,
-                       num_windows=int(m["num_windows"]),
-                       min_side=window / max(max(p) for p in scales),
-                       pos_iou=m["pos_iou"], neg_iou=m["neg_iou"], box_iou_min=m["box_iou"],
-                       box_weight=m["box_weight"], aspect_range=aspect_range,
-                       jitter=float(m["jitter"]), box_coding=m["box_coding"],
-                       soft_labels=bool(m["soft_labels"]), grid=grid,
-                       grid_shares=tuple(float(v) for v in m["grid_shares"]),
-                       context=int(m["context"]), stride=step)
 
-  def predict(variables, batch):
-    conv_vars = {**variables, "params": to_conv_params(variables["params"],
-                                                       roi_size=parts.roi_size)}
-    dense = dense_windows(conv_net, conv_vars, batch["image"], scales, window=window, step=step,
-                          box_coding=m["box_coding"])
-    nms_post = functools.partial(windows_detections, iou_threshold=m["iou_threshold"],
-                                 score_threshold=m["score_threshold"],
-                                 max_detections=int(m["max_detections"]))
-    if mode == "windows" or "boxes" not in dense:
-      return jax.vmap(functools.partial(nms_post, dense["windows"]))(dense["probs"],
-                                                                      batch["image_size"])
-    if m["post_process"] == "nms":
-      boxes = dense["boxes"]
-      boxes = boxes[:, :, 0] if boxes.shape[2] == 1 else boxes              # [B, N, (C,) 4]
-      return jax.vmap(nms_post)(boxes, dense["probs"], batch["image_size"])
-    post = functools.partial(overfeat_detections, pre_merge_topk=int(m["pre_merge_topk"]),
-                             score_threshold=m["score_threshold"],
-                             merge_threshold=m["merge_threshold"],
-                             max_detections=int(m["max_detections"]))
-    return jax.vmap(post)(dense["probs"], dense["boxes"], batch["image_size"])
-
-  return System(name=mode, num_classes=c, init=init, loss=loss, predict=predict,
-                extras={"network": net, "conv_network": conv_net, "window": window,
-                        "step": step, "scales": scales, "roi_size": parts.roi_size})
+def init_variables(extras: Extras, rng: Array, batch: Any = None) -> dict[str, Any]:
+  """Fresh variables of the dense-form network, its backbone (conv, fc) from `pretrained`
+  and/or `init_from` (the papers' and the lecture's recipe: a classification network, then
+  fine-tuning). Only conv and fc are copied (`init_from.DEFAULT_KEYS`): the classifier's
+  C + 1 outputs (background first) and the box head start fresh."""
+  del batch
+  s, w = extras.settings, extras.window
+  variables = dict(extras.network.init({"params": rng},
+                                       jnp.zeros((1, w, w, 3), extras.network.dtype),
+                                       train=False))
+  return init_from.start_backbone(variables, backbone=s.backbone, backbone_kw=s.backbone_kw,
+                                  pretrained=s.pretrained, init_from=s.init_from)
 
 
 def build_system(config: Any) -> System:
-  """The OverFeat System (dense multi-scale windows, box regression, greedy merging)."""
-  return build(config, mode="overfeat")
+  """The "overfeat" System (dense multi-scale windows, box regression, greedy merging)."""
+  s = Settings.from_config(config)
+  extras = make_extras(s, box_head=True, compute_dtype=config.get("compute_dtype", "float32"))
+  return System(name="overfeat", num_classes=s.num_classes,
+                init=functools.partial(init_variables, extras),
+                loss=functools.partial(window_loss, extras, prefix="overfeat"),
+                predict=functools.partial(predict, extras), extras=extras)

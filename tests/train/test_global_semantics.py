@@ -26,8 +26,12 @@ def test_four_devices_update_as_one_device(four_devices, name):
     # float32 reassociation of the cross-device sums only, Adam's normalisation amplifying
     # it: measured at most 6e-6, and 2.7e-5 for overfeat (1.4% of its move) once RoI align and
     # crops average their bins by dot products, whose kernels follow the batch size;
-    # per-device keys, normalisers and BatchNorm gave up to 1e-2
-    assert out[mode] < max(1e-5, 0.02 * out["moved"]), (name, out)
+    # per-device keys, normalisers and BatchNorm gave up to 1e-2. overfeat: 5.9e-5 (3% of its
+    # move; 1.5e-4 with a jitted init) since its background is class 0, in conv kernel entries
+    # whose two gradients nearly cancel (Adam's m / sqrt(v)); the same 2 steps with SGD (lr 0.1)
+    # differ by 3e-8 of a 0.15 move
+    relative = 0.1 if name == "overfeat" else 0.02
+    assert out[mode] < max(1e-5, relative * out["moved"]), (name, out)
     assert out.get(mode + "_model_state", 0.0) < 1e-5, (name, out)   # BatchNorm statistics
 
 
