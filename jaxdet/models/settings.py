@@ -178,23 +178,3 @@ class LossSettings(Settings):
   def weight(self, term: str) -> float:
     """The weight of `term` (`<term>_weight`)."""
     return float(getattr(self, f"{term}_weight"))
-
-
-def merge_settings(defaults: Mapping[str, Any], given: Any, where: str) -> dict[str, Any]:
-  """`given` over a dict of defaults, for settings that are not (yet) a dataclass: unknown
-  keys raise naming the path; dict-valued defaults are nested sections (except `backbone_kw`,
-  taken whole). Prefer a `Settings` dataclass."""
-  given = _plain(given) if given is not None else {}
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(defaults)}")
-  out = {}
-  for key, default in defaults.items():
-    value = given.get(key, default)
-    if key == "backbone_kw":
-      value = dict(value or {})
-    elif isinstance(default, dict):
-      value = merge_settings(default, value, f"{where}.{key}")
-    out[key] = value
-  return out
-
