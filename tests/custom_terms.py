@@ -51,3 +51,22 @@ def doubled_box_l2(predictions, targets, mask, *, decode):
   _count("doubled_box_l2")
   assert decode(predictions).shape == predictions.shape
   return 2.0 * losses.box_l2(predictions, targets, mask, decode=decode)
+
+
+def assert_doubled(loss_fn, term, path, want_total, want, terms):
+  """`loss_fn` (a system's jitted loss, curried to its variables, batch and key), built with
+  `model.loss.<term>` = `path` (one of the functions above), gives twice the built-in's
+  `loss/<term>` (`want`, `want_total`: the system with the built-in), the total rises by
+  exactly that, the terms `terms` add up to the total, and the function was called."""
+  import numpy as np
+  name = path.split(":")[1]
+  calls = CALLS.get(name, 0)
+  total, got, _ = loss_fn()
+  assert CALLS.get(name, 0) > calls, f"{path} was not called"
+  assert float(want[f"loss/{term}"]) > 0
+  np.testing.assert_allclose(float(got[f"loss/{term}"]), 2 * float(want[f"loss/{term}"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(total) - float(want_total), float(want[f"loss/{term}"]),
+                             rtol=1e-4, atol=1e-6 * float(want_total))
+  np.testing.assert_allclose(float(total), sum(float(got[f"loss/{t}"]) for t in terms),
+                             rtol=1e-6)

@@ -32,12 +32,7 @@ from jaxdet.system import System
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class Loss(settings.LossSettings):
-  """`config.model.loss` (`jaxdet.losses.classification_loss`): the crop's class."""
-  TERMS = {"cls": "class"}
-  cls: str = "softmax_cross_entropy"
-  cls_weight: float = 1.0
+Loss = settings.ClassLoss   # `config.model.loss` (`jaxdet.losses.classification_loss`): the crop's class
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,12 +127,7 @@ class Predict(settings.Settings):
     checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk, allow_zero=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class Loss(settings.LossSettings):
-  """`model.loss`: the fine-tuning loss, one "class" term over the C + 1 region classes."""
-  TERMS = {"cls": "class"}
-  cls: str = "softmax_cross_entropy"
-  cls_weight: float = 1.0
+Loss = settings.ClassLoss   # `model.loss`: the fine-tuning loss, one "class" term over the C + 1 region classes
 
 
 @dataclasses.dataclass(frozen=True)

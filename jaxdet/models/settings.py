@@ -178,3 +178,13 @@ class LossSettings(Settings):
   def weight(self, term: str) -> float:
     """The weight of `term` (`<term>_weight`)."""
     return float(getattr(self, f"{term}_weight"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassLoss(LossSettings):
+  """A `model.loss` of one "class" term, `cls` (softmax cross-entropy by default): the loss of
+  the systems that only classify (classify's crops, R-CNN's fine-tuning, the window
+  classifier)."""
+  TERMS: ClassVar[Mapping[str, str]] = {"cls": "class"}
+  cls: str = "softmax_cross_entropy"
+  cls_weight: float = 1.0

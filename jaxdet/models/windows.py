@@ -42,12 +42,7 @@ class Predict(settings.Settings):
     checks.check_positive(f"{where}.max_detections", self.max_detections)
 
 
-@dataclasses.dataclass(frozen=True)
-class Loss(settings.LossSettings):
-  """`model.loss`: the window classifier's term."""
-  TERMS = {"cls": "class"}
-  cls: str = "softmax_cross_entropy"
-  cls_weight: float = 1.0
+Loss = settings.ClassLoss   # `model.loss`: the window classifier's term
 
 
 @dataclasses.dataclass(frozen=True)

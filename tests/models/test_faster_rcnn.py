@@ -243,18 +243,9 @@ def test_a_term_given_by_dotted_path_is_the_one_trained_with(joint_batch, term):
   import custom_terms
   batch, variables, key, built_in = joint_batch
   want_total, want = built_in(term)
-  name = DOUBLED[term].split(":")[1]
-  calls = custom_terms.CALLS.get(name, 0)
   system = faster_rcnn.build_system(_config(loss={term: DOUBLED[term]}))
-  total, got, _ = jax.jit(system.loss)(variables, batch, key)
-  assert custom_terms.CALLS[name] > calls
-  assert float(want[f"loss/{term}"]) > 0
-  np.testing.assert_allclose(float(got[f"loss/{term}"]), 2 * float(want[f"loss/{term}"]),
-                             rtol=1e-5)
-  np.testing.assert_allclose(float(total) - float(want_total), float(want[f"loss/{term}"]),
-                             rtol=1e-4, atol=1e-6 * float(want_total))
-  terms = sum(float(got[f"loss/{t}"]) for t in DOUBLED)
-  np.testing.assert_allclose(float(total), terms, rtol=1e-6)
+  custom_terms.assert_doubled(lambda: jax.jit(system.loss)(variables, batch, key), term,
+                              DOUBLED[term], want_total, want, sorted(DOUBLED))
 
 
 @pytest.mark.parametrize("term", sorted(DOUBLED))
