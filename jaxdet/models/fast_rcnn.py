@@ -98,18 +98,7 @@ class Grid(settings.Settings):
     checks.check_positive(f"{where}.stride", self.stride)
 
 
-@dataclasses.dataclass(frozen=True)
-class Predict(settings.Settings):
-  """Test-time post-processing (`postprocess`)."""
-  score_threshold: float = 0.01
-  iou_threshold: float = 0.3
-  max_detections: int = 100
-  pre_nms_topk: int = 0        # 0 = every (proposal, class) pair enters NMS
-
-  def validate(self, where: str) -> None:
-    _check_unit(f"{where}.iou_threshold", self.iou_threshold)
-    checks.check_positive(f"{where}.max_detections", self.max_detections)
-    checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk, allow_zero=True)
+Predict = settings.NMSPredict   # test-time post-processing (`postprocess`): per-class NMS 0.3
 
 
 @dataclasses.dataclass(frozen=True)

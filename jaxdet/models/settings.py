@@ -188,3 +188,25 @@ class ClassLoss(LossSettings):
   TERMS: ClassVar[Mapping[str, str]] = {"cls": "class"}
   cls: str = "softmax_cross_entropy"
   cls_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NMSPredict(Settings):
+  """`model.predict` of a system whose post-processing is per-class NMS to a fixed capacity
+  (`jaxdet.ops.nms.multiclass_nms`); systems set their own defaults on the field, e.g.
+  `predict: NMSPredict = NMSPredict(score_threshold=0.005, iou_threshold=0.5)`."""
+  score_threshold: float = 0.01
+  iou_threshold: float = 0.3
+  max_detections: int = 100
+  pre_nms_topk: int = 0        # 0 = every (box, class) pair enters NMS
+
+  def validate(self, where: str) -> None:
+    if not 0.0 <= self.iou_threshold <= 1.0:
+      raise ValueError(f"{where}.iou_threshold: expected a value in [0, 1], got "
+                       f"{self.iou_threshold!r}")
+    if self.max_detections < 1:
+      raise ValueError(f"{where}.max_detections: expected a positive int, got "
+                       f"{self.max_detections!r}")
+    if self.pre_nms_topk < 0:
+      raise ValueError(f"{where}.pre_nms_topk: expected an int >= 0 (0 = all), got "
+                       f"{self.pre_nms_topk!r}")

@@ -74,19 +74,6 @@ class Loss(settings.LossSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class Predict(settings.Settings):
-  """`config.model.predict`: post-processing (`postprocess`, `jaxdet.ops.nms.multiclass_nms`)."""
-  score_threshold: float = 0.005
-  iou_threshold: float = 0.5
-  max_detections: int = 100
-  pre_nms_topk: int = 0              # 0 = every (box, class) pair enters NMS
-
-  def validate(self, where: str) -> None:
-    checks.check_positive(f"{where}.max_detections", self.max_detections)
-    checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk, allow_zero=True)
-
-
-@dataclasses.dataclass(frozen=True)
 class Settings(settings.Settings):
   """`config.model` of YOLO v1 (a top-level `config.num_classes` wins over `num_classes`)."""
   variant: str = "small"             # a key of VARIANTS: "paper" (24 conv, 448), "small" (CPU)
@@ -106,7 +93,8 @@ class Settings(settings.Settings):
   init_from: str = ""                # a finished classify run's workdir whose "conv" starts
                                      # the backbone (jaxdet.models.init_from); "" = scratch
   loss: Loss = Loss()
-  predict: Predict = Predict()
+  predict: settings.NMSPredict = settings.NMSPredict(   # per-class NMS (`postprocess`)
+      score_threshold=0.005, iou_threshold=0.5)
 
   def validate(self, where: str) -> None:
     if self.variant not in VARIANTS:
