@@ -39,3 +39,22 @@ def test_own_loss_snippet_is_the_tested_example():
   body = re.search(r"# --- README: Write your own loss ---\n(.*?)# --- end ---", source,
                    re.S).group(1)
   assert block.strip() == body.strip()
+
+
+def test_own_loss_table_lists_every_systems_terms_and_defaults():
+  """README's per-system table of loss terms is what each system's Settings declare."""
+  import importlib
+  readme = _read("README.md")
+  section = readme[readme.index("## Write your own loss"):readme.index("## Add a detector")]
+  rows = dict(re.findall(r"^\| (\w+)(?: \(fine-tuning\))? \| (.*?) \|$", section, re.M))
+  for system in ("localization", "classify", "windows", "overfeat", "rcnn", "fast_rcnn",
+                 "faster_rcnn", "yolo"):
+    loss = importlib.import_module(f"jaxdet.models.{system}").Settings().loss
+    row = rows[system]
+    for term, kind in loss.TERMS.items():
+      if system == "faster_rcnn" and term in ("cls", "box"):
+        assert f"`{term}`" in row and "as fast_rcnn" in row
+        continue
+      weight = loss.weight(term)
+      shown = f"{weight:g}"
+      assert f"`{term}` ({kind}, `{getattr(loss, term)}`, {shown})" in row, (system, term, row)

@@ -67,6 +67,38 @@ def normalize_images(images: Array, dtype: Dtype = jnp.float32) -> Array:
   return x.astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max_pool(x: Array, k: int) -> Array:
+  """Max over non-overlapping k x k blocks (floor mode): f[B, H, W, C] -> f[B, H//k, W//k, C].
+
+  The forward is XLA's reduce_window; the backward is elementwise (each block's maxima get
+  the block's gradient, shared equally among exactly tied maxima; torch gives it to the first),
+  instead of reduce_window's select-and-scatter, which moved 10 GB per VGG16 Faster R-CNN train
+  step on CPU (experiments/cost_table.py --breakdown). Ties after a ReLU are zeros, whose
+  gradient the ReLU stops anyway.
+  """
+  return nn.max_pool(x, (k, k), (k, k), padding="VALID")
+
+
+def _block_max_pool_fwd(x: Array, k: int) -> tuple[Array, tuple[Array, Array]]:
+  y = _block_max_pool(x, k)
+  return y, (x, y)
+
+
+def _block_max_pool_bwd(k: int, res: tuple[Array, Array], g: Array) -> tuple[Array]:
+  x, y = res
+  b, h, w, c = x.shape
+  ho, wo = y.shape[1:3]
+  blocks = x[:, :ho * k, :wo * k].reshape(b, ho, k, wo, k, c)
+  hit = blocks == y[:, :, None, :, None, :]                              # [B, ho, k, wo, k, C]
+  share = g / jnp.sum(hit, axis=(2, 4), dtype=g.dtype)                   # [B, ho, wo, C]
+  dx = jnp.where(hit, share[:, :, None, :, None, :], 0).reshape(b, ho * k, wo * k, c)
+  return (jnp.pad(dx, ((0, 0), (0, h - ho * k), (0, w - wo * k), (0, 0))),)
+
+
+_block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
+
+
 def max_pool(x: Array, window: int, stride: int, padding: int = 0) -> Array:
   """Max pooling as torch.nn.MaxPool2d(window, stride, padding) (floor mode, -inf padding).
 
@@ -77,15 +109,7 @@ def max_pool(x: Array, window: int, stride: int, padding: int = 0) -> Array:
   """
   checks.check_array("x", x, ndim=4)
   if window == stride and padding == 0:
-    # Non-overlapping windows (VGG's 2 x 2 / 2) as a reshape and a max: the same values, and a
-    # backward pass of one elementwise select instead of the scatter of reduce_window's, which
-    # moved 10 GB per VGG16 Faster R-CNN train step on CPU (experiments/cost_table.py
-    # --breakdown). Exactly tied maxima share the gradient (torch gives it to the first one);
-    # ties after a ReLU are zeros, whose gradient the ReLU stops anyway.
-    b, h, w, c = x.shape
-    hk, wk = h // window * window, w // window * window
-    x = x[:, :hk, :wk].reshape(b, hk // window, window, wk // window, window, c)
-    return jnp.max(x, axis=(2, 4))
+    return _block_max_pool(x, window)
   pad = ((padding, padding), (padding, padding))
   return nn.max_pool(x, (window, window), (stride, stride), padding=pad)
 

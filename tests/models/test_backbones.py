@@ -241,3 +241,11 @@ def test_non_overlapping_max_pool_equals_the_windowed_max_in_value_and_gradient(
   np.testing.assert_array_equal(np.asarray(bb.max_pool(jnp.asarray(x), window, window)), want)
   g = jax.grad(lambda v: jnp.sum(bb.max_pool(v, window, window)))(jnp.asarray(x))
   np.testing.assert_array_equal(np.asarray(g), grad)
+
+
+def test_non_overlapping_max_pool_shares_the_gradient_of_tied_maxima():
+  """A block of equal values: each gets 1/k^2 of the block's gradient (the sum is kept)."""
+  x = jnp.zeros((1, 5, 4, 2), jnp.float32)
+  g = np.asarray(jax.grad(lambda v: jnp.sum(3.0 * bb.max_pool(v, 2, 2)))(x))
+  np.testing.assert_allclose(g[:, :4], 0.75)
+  np.testing.assert_array_equal(g[:, 4], 0.0)        # the dropped row (floor mode)
