@@ -1,6 +1,6 @@
 """Pure loss functions, float32 throughout.
 
-Two layers:
+Three layers:
 
 * generic pieces, reused by every detector. Each returns per-element losses (no reduction) so the
   caller chooses the normaliser; entries outside the optional `mask` are exactly 0 and have zero,
@@ -11,10 +11,13 @@ Two layers:
     `softmax_cross_entropy(logits, labels)`  integer labels
     `sigmoid_binary_cross_entropy(logits, targets)`
     `giou_loss(pred_boxes, target_boxes)`    1 - generalised IoU of aligned boxes
-* detector losses with the signature `(predictions, targets, mask, ...) -> (loss f32[], metrics)`,
-  where every weight is a keyword argument (a config value) and every term of the loss appears
-  in the metrics; `yolo_loss`, `classification_loss` and `localization_loss` take their terms
-  (functions and weights) from the system's loss settings ("Loss terms" below).
+* loss terms ("Loss terms" below): the functions `config.model.loss.<term>` names, of three
+  kinds ("class", "binary", "box"), one signature each, found by `resolve_term` (a built-in
+  name or a user's "package.module:function");
+* detector losses (`window_classifier_loss`, `yolo_loss`, `classification_loss`,
+  `localization_loss`, `fast_rcnn_loss`, `rpn_loss`): (predictions, targets, mask, terms...)
+  -> (loss f32[], metrics), the weighted sum of the system's terms, each reported as
+  `loss/<term>` (weighted; they add up to the loss).
 
 Masked entries (double `where`). Every loss replaces its inputs by harmless values where the mask
 is False *before* any arithmetic (`_sanitize`), not only its result after: a NaN or inf
