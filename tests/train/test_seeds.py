@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from compiles import run_counting_compiles
 from four_devices import run_on_four_devices
 from toy_system import build_system, make_toy_loader, toy_batch, toy_config
 
@@ -240,22 +241,8 @@ def test_the_seeded_step_compiles_once_and_logs_scalars():
   state, rng, _ = setup.init_state(cfg, system, batches[0])
   assert rng.shape == (3, 2) and state.step.shape == ()
   runner = loop.make_runner(system, num_seeds=preflight.num_seeds(cfg))
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    dstate, drng = runner.put_state(state), runner.put_rng(rng)
-    for b in batches:
-      dstate, metrics = runner.step(dstate, runner.put_batch(b), drng)
-      jax.block_until_ready(metrics)
-    n_step = len(compiles)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert n_step == 1, compiles
+  n_step, metrics = run_counting_compiles(runner, state, rng, batches)
+  assert n_step == 1
   assert {np.shape(v) for v in metrics.values()} == {()}
 
 

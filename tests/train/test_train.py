@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from compiles import run_counting_compiles
 from toy_system import build_system, make_toy_loader, toy_batch, toy_config
 
 from jaxdet.system import System
@@ -117,20 +118,8 @@ def test_train_step_compiles_once_over_object_counts():
   assert len(counts) > 1            # the batches hold different numbers of objects
   state, rng, _ = setup.init_state(config, system, batches[0])
   runner = loop.make_runner(system, "shard_map")
-  compiles = []
-  def listener(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    dstate, drng = runner.put_state(state), runner.put_rng(rng)
-    for b in batches:
-      dstate, metrics = runner.step(dstate, runner.put_batch(b), drng)
-      jax.block_until_ready(metrics)
-    n_step = len(compiles)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert n_step == 1, compiles
+  n_step, _ = run_counting_compiles(runner, state, rng, batches)
+  assert n_step == 1
 
 
 @pytest.fixture(scope="module")
