@@ -104,6 +104,18 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
       raise ValueError(f"{name}: expected values {bound}, got {value!r}")
 
 
+def check_fraction(name: str, value: Any, *, open_low: bool = False,
+                   open_high: bool = False) -> None:
+  """A number in [0, 1] (the bounds open where asked: (0, 1], [0, 1)), e.g. an IoU threshold,
+  a fraction or a dropout rate; otherwise a ValueError naming `name`, the interval and the
+  value."""
+  low = 0.0 < value if open_low else 0.0 <= value
+  high = value < 1.0 if open_high else value <= 1.0
+  if not (low and high):
+    interval = f"{'(' if open_low else '['}0, 1{')' if open_high else ']'}"
+    raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
+
+
 def check_spatial_size(name: str, x: Any, what: str = "feature map", *,
                        axes: Sequence[int] = (0, 1)) -> None:
   """An image or feature map must have height and width > 0 on `axes` (trace-time safe)."""

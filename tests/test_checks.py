@@ -43,3 +43,14 @@ def test_check_boxes_accepts_bfloat16():
   checks.check_boxes("boxes", jnp.zeros((3, 4), jnp.bfloat16))
   with pytest.raises(TypeError, match="integer dtype, got .*bfloat16"):
     checks.check_array("labels", jnp.zeros((3,), jnp.bfloat16), dtype_kind="iu")
+
+
+@pytest.mark.parametrize("value, kw, interval", [
+    (-0.1, {}, r"\[0, 1\]"), (1.5, {}, r"\[0, 1\]"), (0.0, {"open_low": True}, r"\(0, 1\]"),
+    (1.0, {"open_high": True}, r"\[0, 1\)")])
+def test_check_fraction_names_the_key_the_interval_and_the_value(value, kw, interval):
+  with pytest.raises(ValueError, match=rf"config.model.x: expected a value in {interval}, "
+                                       rf"got {value!r}"):
+    checks.check_fraction("config.model.x", value, **kw)
+  for ok in (0.5, 1.0 if not kw.get("open_high") else 0.0 if not kw.get("open_low") else 0.5):
+    checks.check_fraction("config.model.x", ok, **kw)

@@ -52,8 +52,7 @@ class Settings(settings.Settings):
     checks.check_positive(f"{where}.num_classes", self.num_classes)
     checks.check_positive(f"{where}.input_size", self.input_size)
     checks.check_positive(f"{where}.context", self.context)
-    if not 0.0 <= self.jitter < 1.0:
-      raise ValueError(f"{where}.jitter: expected a value in [0, 1), got {self.jitter!r}")
+    checks.check_fraction(f"{where}.jitter", self.jitter, open_high=True)
 
 
 def object_crops(key: Array | None, boxes: Array, *, context: float = 1.2,

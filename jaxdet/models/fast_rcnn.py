@@ -61,11 +61,6 @@ Array = jax.Array
 # ----------------------------------------------------------------------------- settings
 
 
-def _check_unit(where: str, value: float) -> None:
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f"{where}: expected a value in [0, 1], got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampler(settings.Settings):
   """The RoI minibatch of one image (`sample_rois`), paper section 2.3."""
@@ -78,8 +73,8 @@ class Sampler(settings.Settings):
 
   def validate(self, where: str) -> None:
     checks.check_positive(f"{where}.rois_per_image", self.rois_per_image)
-    _check_unit(f"{where}.fg_fraction", self.fg_fraction)
-    _check_unit(f"{where}.fg_iou", self.fg_iou)
+    checks.check_fraction(f"{where}.fg_fraction", self.fg_fraction)
+    checks.check_fraction(f"{where}.fg_iou", self.fg_iou)
     if not 0.0 <= self.bg_iou_low <= self.bg_iou_high <= 1.0:
       raise ValueError(f"{where}: expected 0 <= bg_iou_low <= bg_iou_high <= 1, got "
                        f"bg_iou_low {self.bg_iou_low}, bg_iou_high {self.bg_iou_high}")
@@ -134,9 +129,7 @@ class SecondStage(settings.Settings):
     if len(self.box_stds) != 4:
       raise ValueError(f"{where}.box_stds: expected 4 numbers, got {self.box_stds!r}")
     checks.check_positive(f"{where}.box_stds", self.box_stds)
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"{where}.dropout_rate: expected a value in [0, 1), got "
-                       f"{self.dropout_rate!r}")
+    checks.check_fraction(f"{where}.dropout_rate", self.dropout_rate, open_high=True)
 
   @property
   def stds(self) -> tuple[float, ...]:

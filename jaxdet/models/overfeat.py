@@ -128,8 +128,7 @@ class Sampling(WindowSampling):
 
   def validate(self, where: str) -> None:
     super().validate(where)
-    if not 0.0 < self.box_iou <= 1.0:
-      raise ValueError(f"{where}.box_iou: expected a value in (0, 1], got {self.box_iou!r}")
+    checks.check_fraction(f"{where}.box_iou", self.box_iou, open_low=True)
 
 
 @dataclasses.dataclass(frozen=True)

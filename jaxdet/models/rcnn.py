@@ -66,13 +66,6 @@ Array = jax.Array
 # ----------------------------------------------------------------------------- settings
 
 
-def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
-  low = 0.0 <= value if allow_zero else 0.0 < value
-  if not (low and value <= 1.0):
-    raise ValueError(f"{name}: expected a value in {'[' if allow_zero else '('}0, 1], "
-                     f"got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Svm(settings.Settings):
   """`model.svm`: the per-class linear SVMs and their hard negative mining (stage 3)."""
@@ -94,7 +87,7 @@ class Svm(settings.Settings):
     checks.check_positive(f"{where}.feat_norm", self.feat_norm)
     for key in ("cache_size", "rounds", "newton_steps"):
       checks.check_positive(f"{where}.{key}", getattr(self, key))
-    _check_fraction(f"{where}.neg_iou", self.neg_iou)
+    checks.check_fraction(f"{where}.neg_iou", self.neg_iou, open_low=True)
     if self.solver not in ("newton", "liblinear"):
       raise ValueError(f"{where}.solver: expected 'newton' or 'liblinear', got {self.solver!r}")
 
@@ -108,7 +101,7 @@ class BboxReg(settings.Settings):
   apply: bool = True               # `predict` regresses the boxes
 
   def validate(self, where):
-    _check_fraction(f"{where}.iou", self.iou)
+    checks.check_fraction(f"{where}.iou", self.iou, open_low=True)
     checks.check_positive(f"{where}.ridge_lambda", self.ridge_lambda, allow_zero=True)
     checks.check_positive(f"{where}.feat_norm", self.feat_norm)
 
@@ -122,7 +115,7 @@ class Predict(settings.Settings):
   pre_nms_topk: int = 2000         # (proposal, class) pairs into NMS; 0 = all
 
   def validate(self, where):
-    _check_fraction(f"{where}.nms_iou", self.nms_iou)
+    checks.check_fraction(f"{where}.nms_iou", self.nms_iou, open_low=True)
     checks.check_positive(f"{where}.max_detections", self.max_detections)
     checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk, allow_zero=True)
 
@@ -160,8 +153,8 @@ class Settings(settings.Settings):
     for key in ("input_size", "batch_rois", "chunk"):
       checks.check_positive(f"{where}.{key}", getattr(self, key))
     checks.check_positive(f"{where}.context", self.context, allow_zero=True)
-    _check_fraction(f"{where}.fg_iou", self.fg_iou)
-    _check_fraction(f"{where}.fg_fraction", self.fg_fraction)
+    checks.check_fraction(f"{where}.fg_iou", self.fg_iou, open_low=True)
+    checks.check_fraction(f"{where}.fg_fraction", self.fg_fraction, open_low=True)
 
 
 # ----------------------------------------------------------------------------- network

@@ -65,9 +65,7 @@ class Targets(settings.Settings):
       raise ValueError(f"{where}: expected 0 <= neg_iou <= pos_iou <= 1, got neg_iou "
                        f"{self.neg_iou}, pos_iou {self.pos_iou}")
     checks.check_positive(f"{where}.num_samples", self.num_samples)
-    if not 0.0 <= self.positive_fraction <= 1.0:
-      raise ValueError(f"{where}.positive_fraction: expected a value in [0, 1], got "
-                       f"{self.positive_fraction}")
+    checks.check_fraction(f"{where}.positive_fraction", self.positive_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +80,7 @@ class ProposalLayer(settings.Settings):
     checks.check_positive(f"{where}.pre_nms_topk", self.pre_nms_topk)
     checks.check_positive(f"{where}.post_nms_topk", self.post_nms_topk)
     checks.check_positive(f"{where}.min_size", self.min_size, allow_zero=True)
-    if not 0.0 <= self.nms_threshold <= 1.0:
-      raise ValueError(f"{where}.nms_threshold: expected a value in [0, 1], got "
-                       f"{self.nms_threshold}")
+    checks.check_fraction(f"{where}.nms_threshold", self.nms_threshold)
 
   def kwargs(self) -> dict[str, Any]:
     """The keyword arguments of `propose` / `propose_batch`."""

@@ -38,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Mapping, TypeVar
 
+from jaxdet import checks
+
 S = TypeVar("S", bound="Settings")
 
 
@@ -201,9 +203,7 @@ class NMSPredict(Settings):
   pre_nms_topk: int = 0        # 0 = every (box, class) pair enters NMS
 
   def validate(self, where: str) -> None:
-    if not 0.0 <= self.iou_threshold <= 1.0:
-      raise ValueError(f"{where}.iou_threshold: expected a value in [0, 1], got "
-                       f"{self.iou_threshold!r}")
+    checks.check_fraction(f"{where}.iou_threshold", self.iou_threshold)
     if self.max_detections < 1:
       raise ValueError(f"{where}.max_detections: expected a positive int, got "
                        f"{self.max_detections!r}")

@@ -36,9 +36,7 @@ class Predict(settings.Settings):
 
   def validate(self, where: str) -> None:
     for name in ("score_threshold", "iou_threshold"):
-      value = getattr(self, name)
-      if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where}.{name}: expected a value in [0, 1], got {value!r}")
+      checks.check_fraction(f"{where}.{name}", getattr(self, name))
     checks.check_positive(f"{where}.max_detections", self.max_detections)
 
 

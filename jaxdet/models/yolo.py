@@ -104,9 +104,7 @@ class Settings(settings.Settings):
       if getattr(self, key) < 1:
         raise ValueError(f"{where}.{key}: expected a positive int, got {getattr(self, key)!r}")
     checks.check_positive(f"{where}.fc_dim", self.fc_dim, allow_zero=True)
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"{where}.dropout_rate: expected a value in [0, 1), "
-                       f"got {self.dropout_rate!r}")
+    checks.check_fraction(f"{where}.dropout_rate", self.dropout_rate, open_high=True)
     if self.head not in ("fc", "conv"):
       raise ValueError(f"{where}.head: expected 'fc' or 'conv', got {self.head!r}")
     if self.backbone and self.variant not in ("paper",) + tuple(VARIANT_BACKBONES):
