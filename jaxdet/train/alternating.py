@@ -28,7 +28,7 @@ import jax
 
 from jaxdet.models import faster_rcnn
 from jaxdet.models.faster_rcnn import ALTERNATING, STAGES
-from jaxdet.train import loop, setup
+from jaxdet.train import loop, preflight, setup
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def train_alternating(config: Any, workdir: str, *, make_loader: Any = None,
   Returns:
     {stage: the eval metrics of that step}; the last one is the detector's.
   """
-  if setup.num_seeds(config) != 1:   # each step starts from the previous one's parameters
+  if preflight.num_seeds(config) != 1:   # each step starts from the previous one's parameters
     raise ValueError(f"train.num_seeds: the 4-step alternating training trains one seed at a "
                      f"time, got {config.train.num_seeds!r}; set --config.train.num_seeds=1 "
                      f"and run one process per --config.seed")

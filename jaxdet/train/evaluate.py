@@ -56,7 +56,7 @@ def _pad_to(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray
 
 
 def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: Any, *,
-                    max_batches: int = -1, mesh: Any = None, num_seeds: int | None = None
+                    max_batches: int = -1, mesh: Any = None, num_seeds: int = 1
                     ) -> tuple[list, list, float, int]:
   """Detections and ground truth of every real image of `loader`, over all devices.
 
@@ -68,13 +68,13 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
     max_batches: stop after this many batches (-1 = all).
     mesh: the devices to predict on (default: parallel.data_mesh(), every device of every
       process); each process's batch is padded to a multiple of its devices.
-    num_seeds: None: `variables` is one model's. N: N replicas stacked along a leading axis
+    num_seeds: 1: `variables` is one model's. N > 1: N replicas stacked along a leading axis
       of every leaf (train.num_seeds), predicted at once by `predict` vmapped over them.
   Returns:
     (gts, dets, seconds, num_images): per-image dicts (jaxdet.eval.detections format) in the
     original images' pixels, each detection dict also with "image_id" (the dataset's) and
     "size" (height, width) of the original image, of the whole split on process 0 (empty
-    lists on the others); with num_seeds, dets is a list of N such lists (replica i's at i);
+    lists on the others); with num_seeds > 1, dets is a list of N such lists (replica i's at i);
     the wall time of the predict calls (compilation excluded) and the number of images scored
     (on every process).
   """
@@ -86,12 +86,12 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
   mesh = parallel.data_mesh() if mesh is None else mesh
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   variables = parallel.replicate_on(variables, mesh)
-  if num_seeds is None:
+  if num_seeds == 1:
     jitted = jax.jit(predict, out_shardings=NamedSharding(mesh, P(parallel.AXIS)))
   else:   # [N, B, ...]: replicas along axis 0, the batch split over the devices
     jitted = jax.jit(jax.vmap(predict, in_axes=(0, None)),
                      out_shardings=NamedSharding(mesh, P(None, parallel.AXIS)))
-  seeds = [None] if num_seeds is None else list(range(num_seeds))
+  seeds = [None] if num_seeds == 1 else list(range(num_seeds))
   compiled: dict[Any, Any] = {}
   leader = jax.process_index() == 0
   gts, seconds, count = [], 0.0, 0
@@ -134,7 +134,7 @@ def predict_dataset(predict: Callable[[Any, Any], Any], variables: Any, loader: 
         count += 1
     else:
       count += int(real.sum())
-  return gts, dets[0] if num_seeds is None else dets, seconds, count
+  return gts, dets[0] if num_seeds == 1 else dets, seconds, count
 
 
 def annotated_source(loader: Any) -> Any:
@@ -220,20 +220,20 @@ def evaluate_variables(predict: Callable[[Any, Any], Any], variables: Any, loade
                        num_classes: int, *, max_batches: int = -1,
                        extra_metrics: Callable[[list, list], dict[str, float]] | None = None,
                        dump: str | None = None, mesh: Any = None,
-                       num_seeds: int | None = None) -> dict[str, float]:
+                       num_seeds: int = 1) -> dict[str, float]:
   """Scores of `variables` on the loader's images, with throughput.
 
   Args:
     extra_metrics: a system's own host-side scores `(gts, dets) -> {name: float}` (its
       `System.eval_metrics`, e.g. localization accuracy), added to the result.
     dump: also write the detections to this JSON Lines file (`write_detections`; process 0);
-      with num_seeds, replica i's to `seed_path(dump, i)`.
+      with num_seeds > 1, replica i's to `seed_path(dump, i)`.
     mesh: the devices to predict on (default: every device of every process).
-    num_seeds: None: one model. N: `variables` holds N replicas stacked along a leading axis
+    num_seeds: 1: one model. N > 1: `variables` holds N replicas stacked along a leading axis
       (train.num_seeds); each is scored and the scores summarised by `seed_summary`.
   Returns:
     {"voc07_map", "coco_AP", "coco_AP50", "coco_AP75", "images_per_s", "num_images"}
-    plus the names `extra_metrics` returns; with num_seeds each score (not images_per_s,
+    plus the names `extra_metrics` returns; with num_seeds > 1 each score (not images_per_s,
     num_images) as NAME (mean), NAME/std and NAME/seed{i}.
   """
   gts, dets, seconds, count = predict_dataset(predict, variables, loader,
@@ -245,14 +245,14 @@ def evaluate_variables(predict: Callable[[Any, Any], Any], variables: Any, loade
   if jax.process_index() == 0:   # scores the gathered detections, shares them
     names = getattr(getattr(loader, "source", None), "class_names", None)
     per_seed = []
-    for i, replica in enumerate([dets] if num_seeds is None else dets):
+    for i, replica in enumerate([dets] if num_seeds == 1 else dets):
       if dump:
-        write_detections(dump if num_seeds is None else seed_path(dump, i), replica, names)
+        write_detections(dump if num_seeds == 1 else seed_path(dump, i), replica, names)
       scores = score(gts, replica, num_classes)
       if extra_metrics is not None:
         scores.update({k: float(v) for k, v in extra_metrics(gts, replica).items()})
       per_seed.append(scores)
-    metrics = per_seed[0] if num_seeds is None else seed_summary(per_seed)
+    metrics = per_seed[0] if num_seeds == 1 else seed_summary(per_seed)
   metrics = share_from_leader(metrics)
   metrics["images_per_s"] = count / max(seconds, 1e-9)
   metrics["num_images"] = float(count)

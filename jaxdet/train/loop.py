@@ -114,13 +114,7 @@ def _eval(config: Any, system: System, state: TrainState, *, make_loader, data,
                  seed=int(config.seed), train=False, data=data)
   return evaluate_variables(system.predict, state.variables, loader, system.num_classes,
                             max_batches=max_batches,
-                            extra_metrics=system.eval_metrics, num_seeds=_seeds_arg(config))
-
-
-def _seeds_arg(config: Any) -> int | None:
-  """evaluate_variables' num_seeds: None for one seed, else train.num_seeds."""
-  n = setup.num_seeds(config)
-  return None if n == 1 else n
+                            extra_metrics=system.eval_metrics, num_seeds=preflight.num_seeds(config))
 
 
 def _due(step: int, every: int) -> bool:
@@ -140,7 +134,7 @@ def _runner_from_config(config: Any, system: System) -> Runner:
   return make_runner(system, str(train.get("parallel", "shard_map")),
                      on_nonfinite=str(train.get("on_nonfinite", "stop")),
                      max_consecutive_skips=train.get("max_consecutive_skips", 10),
-                     num_seeds=setup.num_seeds(config))
+                     num_seeds=preflight.num_seeds(config))
 
 
 def nonfinite_message(report: dict[str, Any], config: Any, learning_rate: float,
@@ -165,7 +159,7 @@ def nonfinite_message(report: dict[str, Any], config: Any, learning_rate: float,
             f"skipped in all); the last: {what}")
   else:
     head = f"step {step}: the training went non-finite (train.on_nonfinite='stop'): {what}"
-  n = setup.num_seeds(config)
+  n = preflight.num_seeds(config)
   if n > 1:
     seed = report.get("seed", 0)
     head += (f" (in replica {seed} of train.num_seeds={n}, seed {int(config.seed) + seed}: the "
@@ -341,7 +335,7 @@ def restore_for_inference(config: Any, workdir: str, system: System, batch: Any,
     FileNotFoundError: `workdir` holds no checkpoint (naming it and the train command).
     ValueError: `replica` is not one of the run's.
   """
-  n = setup.num_seeds(config)
+  n = preflight.num_seeds(config)
   if replica is not None and (isinstance(replica, bool) or not isinstance(replica, int)
                               or not 0 <= replica < n):
     raise ValueError(f"replica: expected an int in [0, {n}) (the run's train.num_seeds={n} "
@@ -393,7 +387,7 @@ def evaluate(config: Any, workdir: str, *, system: System | None = None,
   state = restore_all_seeds(config, workdir, system, setup.peek(loader))
   metrics = evaluate_variables(system.predict, state.variables, loader, system.num_classes,
                                extra_metrics=system.eval_metrics, dump=dump,
-                               num_seeds=_seeds_arg(config))
+                               num_seeds=preflight.num_seeds(config))
   print(f"step {int(state.step)}: " + files.dumps(metrics), flush=True)   # before the write
   write_eval_json(workdir, int(state.step), metrics)
   return metrics

@@ -36,18 +36,12 @@ def default_make_loader() -> MakeLoader:
   return make_loader
 
 
-def num_seeds(config: Any) -> int:
-  """config.train.num_seeds: how many replicas (seeds config.seed + i) a run trains at once
-  (1 when absent; checked by jaxdet.train.preflight.num_seeds)."""
-  return preflight.num_seeds(config)
-
-
 def model_meta(config: Any, system: System) -> dict[str, Any]:
   """What identifies the model a checkpoint belongs to: system name, model config, classes,
   and the number of seeds when it is more than one (a one-seed meta is unchanged)."""
   meta = {"system": system.name,
           "model": {**to_dict(config.get("model", {})), "num_classes": system.num_classes}}
-  n = num_seeds(config)
+  n = preflight.num_seeds(config)
   return meta if n == 1 else {**meta, "num_seeds": n}
 
 
@@ -82,7 +76,7 @@ def init_state(config: Any, system: System, batch: Any
                                       param_labels=system.param_labels,
                                       batch_size=int(config.train.batch_size))
   batch = {k: v for k, v in batch.items() if k != "example_mask"}
-  n, seed = num_seeds(config), int(config.seed)
+  n, seed = preflight.num_seeds(config), int(config.seed)
   if n == 1:
     state, rng = create_train_state(system, tx, jax.random.PRNGKey(seed), batch)
   else:
