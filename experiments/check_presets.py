@@ -157,29 +157,37 @@ def _model_batch(batch: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in batch.items() if k != "example_mask"}
 
 
+def abstract_state(config, system, batch, batch_size: int | None = None):
+  """The TrainState of `system` at step 0 as shapes only (eval_shape of init and of the
+  optimizer's init; nothing is computed): what tracing and compiling a train step need.
+  `batch_size` is the optimizer's (learning-rate scaling), default the config's."""
+  from jaxdet.train import optim
+  from jaxdet.train.state import TrainState
+  tx, _ = optim.make_optimizer(config.optimizer, int(config.train.num_steps),
+                               param_labels=system.param_labels,
+                               batch_size=int(batch_size or config.train.batch_size))
+  variables = dict(jax.eval_shape(system.init, jax.random.PRNGKey(0), batch))
+  params = variables.pop("params")
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                    opt_state=jax.eval_shape(tx.init, params), model_state=variables, tx=tx)
+
+
 def trace(config, *, batch_size: int | None = None, test_batch_size: int | None = None
           ) -> dict[str, Any]:
   """Shapes of init, one train step and predict at the preset's true shapes (eval_shape; no
   compilation); `test_batch_size` (default batch_size) for predict: 1 gives a single image's
   own bucket. Returns {"train_batch": image shape, "test_batch": ..., "params": count,
   "loss": ShapeDtypeStruct, "detections": {key: ShapeDtypeStruct}}."""
-  from jaxdet.train import optim, setup
-  from jaxdet.train.state import TrainState
+  from jaxdet.train import setup
   from jaxdet.train.step import make_steps
   system = setup.system_from_config(config)
   train_batch = _model_batch(preset_batch(config, train=True, batch_size=batch_size))
   test_batch = _model_batch(preset_batch(config, train=False,
                                          batch_size=test_batch_size or batch_size))
-  tx, _ = optim.make_optimizer(config.optimizer, int(config.train.num_steps),
-                               param_labels=system.param_labels)
-  key = jax.random.PRNGKey(0)
-  variables = jax.eval_shape(system.init, key, train_batch)
-  variables = dict(variables)
-  params = variables.pop("params")
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     opt_state=jax.eval_shape(tx.init, params), model_state=variables, tx=tx)
+  state = abstract_state(config, system, train_batch)
+  params, variables = state.params, state.model_state
   train_step, eval_step = make_steps(system)
-  _, metrics = jax.eval_shape(train_step, state, train_batch, key)
+  _, metrics = jax.eval_shape(train_step, state, train_batch, jax.random.PRNGKey(0))
   dets = jax.eval_shape(eval_step, {"params": params, **variables}, test_batch)
   return {"train_batch": train_batch["image"].shape, "test_batch": test_batch["image"].shape,
           "params": sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)),

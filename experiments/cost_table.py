@@ -163,8 +163,7 @@ def train_cost(row: str, preset: str = "paper", batch_size: int | None = None,
                keep_hlo: bool = False) -> dict[str, Any]:
   """The compiled cost of one TRAIN_ROWS entry's train step (the loop's step, abstract state)
   at the preset's batch (or `batch_size`)."""
-  from jaxdet.train import loop, optim, setup
-  from jaxdet.train.state import TrainState
+  from jaxdet.train import loop, setup
   from jaxdet.train.step import init_guard
   name, overrides, essential, what = TRAIN_ROWS[row]
   config = cp.load_config(name, preset)
@@ -173,13 +172,7 @@ def train_cost(row: str, preset: str = "paper", batch_size: int | None = None,
   system = setup.system_from_config(config)
   bs = int(batch_size or config.train.batch_size)
   batch = abstract(cp._model_batch(cp.preset_batch(config, train=True, batch_size=bs)))  # pylint: disable=protected-access
-  tx, _ = optim.make_optimizer(config.optimizer, int(config.train.num_steps),
-                               param_labels=system.param_labels, batch_size=bs)
-  key = jax.random.PRNGKey(0)
-  variables = dict(jax.eval_shape(system.init, key, batch))
-  params = variables.pop("params")
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     opt_state=jax.eval_shape(tx.init, params), model_state=variables, tx=tx)
+  state = cp.abstract_state(config, system, batch, batch_size=bs)
   runner = loop.make_runner(system, on_nonfinite=str(config.train.get("on_nonfinite", "stop")))
   cost = compiled_cost(runner.step, (state, abstract(init_guard())), batch,
                        jax.ShapeDtypeStruct((2,), jnp.uint32), jitted=True)
