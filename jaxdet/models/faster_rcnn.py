@@ -63,13 +63,6 @@ ALTERNATING = "alternating"
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler(fast_rcnn.Sampler):
-  """Fast R-CNN's RoI sampler; the second stage trains on 128 RoIs per image in the paper
-  (batch 2 x 128)."""
-  rois_per_image: int = 128
-
-
-@dataclasses.dataclass(frozen=True)
 class Loss(fast_rcnn.Loss):
   """Fast R-CNN's terms and the RPN's (`jaxdet.losses.rpn_loss`)."""
   TERMS = {**fast_rcnn.Loss.TERMS, "rpn_objectness": "binary", "rpn_box": "box"}
@@ -82,7 +75,7 @@ class Loss(fast_rcnn.Loss):
 @dataclasses.dataclass(frozen=True)
 class Settings(fast_rcnn.SecondStage):
   """Faster R-CNN's settings: Fast R-CNN's second stage, the RPN, and the training stage."""
-  sampler: Sampler = Sampler()
+  sampler: fast_rcnn.Sampler = fast_rcnn.Sampler(rois_per_image=128)   # paper: batch 2 x 128
   loss: Loss = Loss()
   stage: str = "joint"               # one of STAGES, or ALTERNATING (all four steps)
   alternating_steps: tuple = ()      # ALTERNATING: training steps of the 4 steps in order;

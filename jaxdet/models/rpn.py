@@ -17,8 +17,7 @@ logits and 4k box deltas for the k anchors of that cell. Parts:
 * `jaxdet.losses.rpn_loss`: objectness term + lambda * box term (on the positives), the terms
   named by Faster R-CNN's `config.model.loss.rpn_objectness` / `.rpn_box`.
 * Settings sections `Targets` (anchor labelling and sampling) and `ProposalLayer` (one mode of
-  the proposal layer; `TrainProposals` / `TestProposals` carry the paper's defaults of each,
-  `Proposals` holds both), composed into `jaxdet.models.faster_rcnn.Settings`;
+  the proposal layer; `Proposals` holds both, each with the paper's defaults of its mode), composed into `jaxdet.models.faster_rcnn.Settings`;
   `batch_targets`: `anchor_targets` of a batch under a `Targets` section.
 
 Objectness is one sigmoid logit per anchor (as torchvision), equivalent to the paper's two-way
@@ -88,22 +87,10 @@ class ProposalLayer(settings.Settings):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainProposals(ProposalLayer):
-  """The proposal layer in training (paper: 12000 -> NMS 0.7 -> 2000)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TestProposals(ProposalLayer):
-  """The proposal layer at test time (paper: 6000 -> NMS 0.7 -> 300)."""
-  pre_nms_topk: int = 6000
-  post_nms_topk: int = 300
-
-
-@dataclasses.dataclass(frozen=True)
 class Proposals(settings.Settings):
   """The proposal layer's two modes."""
-  train: TrainProposals = TrainProposals()
-  test: TestProposals = TestProposals()
+  train: ProposalLayer = ProposalLayer()              # paper: 12000 -> NMS 0.7 -> 2000
+  test: ProposalLayer = ProposalLayer(pre_nms_topk=6000, post_nms_topk=300)   # -> 300
 
 
 # --- network --------------------------------------------------------------------------------
